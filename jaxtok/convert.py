@@ -1,0 +1,190 @@
+"""Hugging Face `LlamaForCausalLM` tensors <-> jaxtok parameters, as one declarative table.
+
+Each row names an HF tensor (`{i}` is the layer index), the path of our parameter, and the transform between the
+two layouts. HF stores Linear weights as [out, in]; we store kernels as [in, out] with heads split out, so einsums read
+`btd,dnh->btnh`. Per-layer tensors are stacked on our leading `layers` axis.
+
+Loading checks that every tensor of the checkpoint is used, every parameter is filled and every shape is right, and
+names the tensor and file when not. Export (later) runs the same table backwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxtok.errors import JaxtokError
+from jaxtok.hf_io import iter_tensors, read_json, resolve_model_dir, weight_files
+from jaxtok.llama_config import LlamaConfig
+from jaxtok.model import Llama, abstract_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """How an HF tensor maps to ours; `hf_shape` derives the HF shape from ours so every tensor is checked."""
+
+    to_ours: Callable[[np.ndarray, tuple], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple], tuple]
+
+
+TRANSFORMS = {
+    "same": Transform(lambda w, s: w, lambda w: w, lambda s: s),
+    # Linear [out, in] <-> kernel [in, out]
+    "transpose": Transform(lambda w, s: w.T, lambda w: w.T, lambda s: s[::-1]),
+    # q/k/v_proj [X*H, D] <-> [D, X, H], X being N or K heads
+    "split_out_heads": Transform(
+        lambda w, s: w.reshape(s[1], s[2], s[0]).transpose(2, 0, 1),
+        lambda w: w.transpose(1, 2, 0).reshape(-1, w.shape[0]),
+        lambda s: (s[1] * s[2], s[0]),
+    ),
+    # o_proj [D, N*H] <-> [N, H, D]
+    "split_in_heads": Transform(
+        lambda w, s: w.reshape(s[2], s[0], s[1]).transpose(1, 2, 0),
+        lambda w: w.transpose(2, 0, 1).reshape(w.shape[2], -1),
+        lambda s: (s[2], s[0] * s[1]),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # HF tensor name; "{i}" is the layer index
+    ours: tuple[str, ...]  # path in our parameter tree; a path under "layers" has a leading layers axis
+    transform: str
+
+
+TABLE = (
+    Rule("model.embed_tokens.weight", ("embed",), "same"),
+    Rule("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "scale"), "same"),
+    Rule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q"), "split_out_heads"),
+    Rule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k"), "split_out_heads"),
+    Rule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v"), "split_out_heads"),
+    Rule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o"), "split_in_heads"),
+    Rule("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), "same"),
+    Rule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), "transpose"),
+    Rule("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), "transpose"),
+    Rule("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down"), "transpose"),
+    Rule("model.norm.weight", ("final_norm", "scale"), "same"),
+    Rule("lm_head.weight", ("lm_head",), "transpose"),  # untied heads only
+)
+
+# Tensors some checkpoints carry that hold nothing to load: RoPE buffers of old conversions, and the copy of the
+# embedding that some tied checkpoints also save as lm_head.weight.
+IGNORED = re.compile(r"(.*\.rotary_emb\.inv_freq)$")
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def np_dtype(name: str):
+    if name not in DTYPES:
+        raise JaxtokError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _compile(rule: Rule) -> re.Pattern:
+    return re.compile(re.escape(rule.hf).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+_PATTERNS = [(_compile(rule), rule) for rule in TABLE]
+
+
+def _match(name: str):
+    for pattern, rule in _PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return rule, (int(m.group(1)) if m.groups() else None)
+    return None, None
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _list(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_hf_params(model_dir: Path, model: Llama, allow_pickle: bool = False) -> dict:
+    """Reads the checkpoint's weights into the `params` tree of `model`, cast to `model.param_dtype`."""
+    config = model.config
+    shapes = jax.tree.map(lambda a: a.shape, nn.unbox(abstract_params(model)))
+    dtype = np.dtype(model.param_dtype)
+    expected = {
+        rule.hf.format(i=i) for rule in TABLE for i in range(config.num_layers) if _path_exists(shapes, rule.ours)
+    }
+    buffers, seen = {}, set()
+    unexpected = []
+    for name, path, array in iter_tensors(weight_files(model_dir, allow_pickle)):
+        rule, layer = _match(name)
+        if rule is None or not _path_exists(shapes, rule.ours) or (layer is not None and layer >= config.num_layers):
+            tied_copy = name == "lm_head.weight" and config.tie_word_embeddings
+            if not (tied_copy or IGNORED.match(name)):
+                unexpected.append(name)
+            continue
+        full_shape = _get(shapes, rule.ours)
+        shape = full_shape[1:] if layer is not None else full_shape
+        transform = TRANSFORMS[rule.transform]
+        if tuple(array.shape) != tuple(transform.hf_shape(shape)):
+            raise JaxtokError(
+                f"tensor {name} in {path.name} has shape {list(array.shape)}, but config.json implies "
+                f"{list(transform.hf_shape(shape))}"
+            )
+        if rule.ours not in buffers:
+            buffers[rule.ours] = np.empty(full_shape, dtype)
+        target = buffers[rule.ours] if layer is None else buffers[rule.ours][layer]
+        target[...] = transform.to_ours(array, shape).astype(dtype)
+        seen.add(name)
+    if unexpected:
+        raise JaxtokError(f"checkpoint has tensors that a Llama of this config.json does not: {_list(unexpected)}")
+    missing = sorted(expected - seen)
+    if missing:
+        raise JaxtokError(f"checkpoint lacks tensors: {_list(missing)}")
+    params = {}
+    for path, array in buffers.items():
+        _set(params, path, jnp.asarray(array))
+    return params
+
+
+def _path_exists(tree: dict, path: tuple[str, ...]) -> bool:
+    try:
+        _get(tree, path)
+        return True
+    except KeyError:
+        return False
+
+
+def load_config(model_dir: Path) -> LlamaConfig:
+    return LlamaConfig.from_hf(read_json(model_dir / "config.json", "model"))
+
+
+def load_pretrained(
+    path_or_id: str, dtype: str = "float32", compute_dtype: str | None = None, allow_pickle: bool = False, **model_kw
+) -> tuple[Llama, dict]:
+    """Loads an HF Llama checkpoint: returns the module and its frozen `params` tree.
+
+    `dtype` is the dtype of the frozen weights; `compute_dtype` (default: the same) the dtype of activations.
+    """
+    model_dir = resolve_model_dir(path_or_id)
+    config = load_config(model_dir)
+    param_dtype = jnp.dtype(np_dtype(dtype))
+    compute = jnp.dtype(np_dtype(compute_dtype or dtype))
+    model = Llama(config, dtype=compute, param_dtype=param_dtype, **model_kw)
+    return model, load_hf_params(model_dir, model, allow_pickle)

@@ -1,0 +1,10 @@
+"""The one exception type that command-line entry points turn into a one-line message.
+
+Library code raises `JaxtokError` for anything the user can fix (a missing file, a bad config value, a checkpoint
+that is not a Llama). Scripts catch it, print its message and exit non-zero without a traceback. Bugs keep raising
+ordinary exceptions, so they still show a traceback.
+"""
+
+
+class JaxtokError(Exception):
+    """A problem with the user's input; the message names the problem and, where possible, the fix."""

@@ -1,0 +1,202 @@
+"""A Flax (linen) Llama that computes what transformers' `LlamaForCausalLM` computes.
+
+Shape legend, used in names and einsum strings throughout jaxtok:
+    B batch, T query length, S key length, D hidden, N query heads, K kv heads, H head dim, F mlp, V vocab, L layers.
+
+Design choices:
+* Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) so
+  the sharding code maps them onto a mesh in one place.
+* Layers are one `nn.scan`, so their parameters are stacked on a leading `layers` axis and XLA compiles one layer
+  instead of L copies (fast compiles, small programs).
+* The frozen base lives in the `params` collection. Adapters live in collections of their own (`lora`, `tokens`),
+  so training differentiates those pytrees only and never copies or updates the base.
+* Attention takes explicit positions and segment ids: segment 0 marks padding, and keys are visible only to queries
+  of the same segment, so left padding and packed documents need no special code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtok.llama_config import LlamaConfig
+from jaxtok.rope import apply_rope, rope_tables
+
+Cache = dict[str, jnp.ndarray]  # k, v: [L, B, S, K, H]; segment_ids: [B, S]; index: scalar (next slot to write)
+
+
+def _param(module: nn.Module, name: str, shape, axes: tuple[str, ...], dtype, init=nn.initializers.normal(0.02)):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("embed",), self.param_dtype, nn.initializers.ones)
+        # HF normalises in float32, casts back, then scales in the activation dtype.
+        x32 = x_BTD.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale_D.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x_BTD, cos, sin, mask_BTS, kv_cache=None, cache_index=None):
+        c = self.config
+        D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        wq = _param(self, "q", (D, N, H), ("embed", "heads", "head_dim"), self.param_dtype).astype(self.dtype)
+        wk = _param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
+        wv = _param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
+        wo = _param(self, "o", (N, H, D), ("heads", "head_dim", "embed"), self.param_dtype).astype(self.dtype)
+
+        q_BTNH = apply_rope(jnp.einsum("btd,dnh->btnh", x_BTD, wq), cos, sin)
+        k_BTKH = apply_rope(jnp.einsum("btd,dkh->btkh", x_BTD, wk), cos, sin)
+        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wv)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            start = (0, cache_index, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
+            kv_cache = (k_BSKH, v_BSKH)
+            k_BTKH, v_BTKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
+        out_BTNH = jax.nn.dot_product_attention(
+            q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None, :, :], implementation=self.attention_impl
+        )
+        return jnp.einsum("btnh,nhd->btd", out_BTNH, wo), kv_cache
+
+
+class Mlp(nn.Module):
+    config: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        D, F = self.config.hidden_size, self.config.intermediate_size
+        w_gate = _param(self, "gate", (D, F), ("embed", "mlp"), self.param_dtype).astype(self.dtype)
+        w_up = _param(self, "up", (D, F), ("embed", "mlp"), self.param_dtype).astype(self.dtype)
+        w_down = _param(self, "down", (F, D), ("mlp", "embed"), self.param_dtype).astype(self.dtype)
+        h_BTF = nn.silu(jnp.einsum("btd,df->btf", x_BTD, w_gate)) * jnp.einsum("btd,df->btf", x_BTD, w_up)
+        return jnp.einsum("btf,fd->btd", h_BTF, w_down)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x_BTD, cos, sin, mask_BTS, cache_index, kv_cache):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h_BTD = RMSNorm(c.rms_norm_eps, name="attn_norm", **kw)(x_BTD)
+        h_BTD, kv_cache = Attention(c, attention_impl=self.attention_impl, name="attn", **kw)(
+            h_BTD, cos, sin, mask_BTS, kv_cache, cache_index
+        )
+        x_BTD = x_BTD + h_BTD
+        x_BTD = x_BTD + Mlp(c, name="mlp", **kw)(RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x_BTD))
+        return x_BTD, kv_cache
+
+
+def attention_mask(q_segment_BT, kv_segment_BS, cache_index=0) -> jnp.ndarray:
+    """[B, T, S] boolean: causal over cache slots, within one segment, never to padding (segment 0)."""
+    T, S = q_segment_BT.shape[1], kv_segment_BS.shape[1]
+    causal_TS = jnp.arange(S)[None, :] <= (cache_index + jnp.arange(T))[:, None]
+    same_BTS = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
+    return causal_TS[None] & same_BTS & (kv_segment_BS != 0)[:, None, :]
+
+
+class Llama(nn.Module):
+    """`LlamaForCausalLM`. `dtype` is the compute dtype, `param_dtype` the dtype of the frozen weights."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    attention_impl: Optional[str] = None  # None lets JAX choose; "xla" or "cudnn" to force one
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT: jnp.ndarray,
+        positions_BT: Optional[jnp.ndarray] = None,
+        segment_ids_BT: Optional[jnp.ndarray] = None,
+        cache: Optional[Cache] = None,
+    ) -> tuple[jnp.ndarray, Optional[Cache]]:
+        """Returns logits [B, T, V] (compute dtype) and, when a cache is given, the cache with these tokens written."""
+        c = self.config
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+
+        embedding_VD = _param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.param_dtype)
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(self.dtype)
+        cos, sin = rope_tables(c, positions_BT, self.dtype)
+
+        if cache is None:
+            cache_index, kv_segments_BS, kv_cache = 0, segment_ids_BT, None
+        else:
+            cache_index = cache["index"]
+            kv_segments_BS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BT, (0, cache_index))
+            kv_cache = (cache["k"], cache["v"])
+        mask_BTS = attention_mask(segment_ids_BT, kv_segments_BS, cache_index)
+
+        layer = DecoderLayer
+        if self.remat:
+            layer = nn.remat(layer, prevent_cse=False)
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl, name="layers")
+        x_BTD, kv_cache = layers(x_BTD, cos, sin, mask_BTS, cache_index, kv_cache)
+
+        x_BTD = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x_BTD)
+        if c.tie_word_embeddings:
+            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(self.dtype))
+        else:
+            head_DV = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.param_dtype)
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(self.dtype))
+
+        if cache is not None:
+            k, v = kv_cache
+            cache = dict(k=k, v=v, segment_ids=kv_segments_BS, index=cache_index + T)
+        return logits_BTV, cache
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return dict(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def abstract_params(model: Llama) -> dict:
+    """Shapes, dtypes and logical axis names of every parameter, without allocating any (boxed ShapeDtypeStructs)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+
+
+def logical_axes(model: Llama) -> dict:
+    """A tree like the parameters whose leaves are PartitionSpecs of logical axis names."""
+    return nn.get_partition_spec(abstract_params(model))
