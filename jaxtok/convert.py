@@ -65,14 +65,14 @@ class Rule:
 TABLE = (
     Rule("model.embed_tokens.weight", ("embed",), "same"),
     Rule("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "scale"), "same"),
-    Rule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q"), "split_out_heads"),
-    Rule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k"), "split_out_heads"),
-    Rule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v"), "split_out_heads"),
-    Rule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o"), "split_in_heads"),
+    Rule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q_proj", "kernel"), "split_out_heads"),
+    Rule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k_proj", "kernel"), "split_out_heads"),
+    Rule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v_proj", "kernel"), "split_out_heads"),
+    Rule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o_proj", "kernel"), "split_in_heads"),
     Rule("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), "same"),
-    Rule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), "transpose"),
-    Rule("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), "transpose"),
-    Rule("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down"), "transpose"),
+    Rule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), "transpose"),
+    Rule("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), "transpose"),
+    Rule("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), "transpose"),
     Rule("model.norm.weight", ("final_norm", "scale"), "same"),
     Rule("lm_head.weight", ("lm_head",), "transpose"),  # untied heads only
 )

@@ -16,13 +16,16 @@ Design choices:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtok import tokens as token_rows
 from jaxtok.llama_config import LlamaConfig
+from jaxtok.lora import LoraConfig, lora_delta
 from jaxtok.rope import apply_rope, rope_tables
 
 Cache = dict[str, jnp.ndarray]  # k, v: [L, B, S, K, H]; segment_ids: [B, S]; index: scalar (next slot to write)
@@ -46,24 +49,54 @@ class RMSNorm(nn.Module):
         return scale_D.astype(self.dtype) * x32.astype(self.dtype)
 
 
+class Projection(nn.Module):
+    """A frozen linear map `kernel` (named like HF's module: q_proj, ..., down_proj) plus its LoRA branch if targeted.
+
+    `spec` is the einsum of input and kernel, e.g. "btd,dnh->btnh"; the kernel's shape is in_shape + out_shape.
+    """
+
+    spec: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    lora: Optional[LoraConfig]
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        shape, axes = self.in_shape + self.out_shape, self.in_axes + self.out_axes
+        kernel = _param(self, "kernel", shape, axes, self.param_dtype)
+        y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
+        if self.lora is None or self.name not in self.lora.targets:
+            return y
+        B, T = x.shape[:2]
+        axes = (self.in_axes[0], self.out_axes[0])
+        delta = lora_delta(self, x.reshape(B, T, -1), self.lora, math.prod(self.out_shape), axes, train, self.dtype)
+        return y + delta.reshape(y.shape)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
+    lora: Optional[LoraConfig]
     dtype: Any
     param_dtype: Any
     attention_impl: Optional[str] = None
 
     @nn.compact
-    def __call__(self, x_BTD, cos, sin, mask_BTS, kv_cache=None, cache_index=None):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, kv_cache=None, cache_index=None, train=False):
         c = self.config
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = _param(self, "q", (D, N, H), ("embed", "heads", "head_dim"), self.param_dtype).astype(self.dtype)
-        wk = _param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
-        wv = _param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
-        wo = _param(self, "o", (N, H, D), ("heads", "head_dim", "embed"), self.param_dtype).astype(self.dtype)
-
-        q_BTNH = apply_rope(jnp.einsum("btd,dnh->btnh", x_BTD, wq), cos, sin)
-        k_BTKH = apply_rope(jnp.einsum("btd,dkh->btkh", x_BTD, wk), cos, sin)
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wv)
+        kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
+        kv = dict(spec="btd,dkh->btkh", in_shape=(D,), out_shape=(K, H), in_axes=("embed",),
+                    out_axes=("kv_heads", "head_dim"), **kw)
+        q_BTNH = Projection("btd,dnh->btnh", (D,), (N, H), ("embed",), ("heads", "head_dim"), name="q_proj", **kw)(
+            x_BTD, train
+        )
+        k_BTKH = Projection(name="k_proj", **kv)(x_BTD, train)
+        v_BTKH = Projection(name="v_proj", **kv)(x_BTD, train)
+        q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             start = (0, cache_index, 0, 0)
@@ -74,40 +107,48 @@ class Attention(nn.Module):
         out_BTNH = jax.nn.dot_product_attention(
             q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None, :, :], implementation=self.attention_impl
         )
-        return jnp.einsum("btnh,nhd->btd", out_BTNH, wo), kv_cache
+        out_BTD = Projection("btnh,nhd->btd", (N, H), (D,), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(
+            out_BTNH, train
+        )
+        return out_BTD, kv_cache
 
 
 class Mlp(nn.Module):
     config: LlamaConfig
+    lora: Optional[LoraConfig]
     dtype: Any
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, train=False):
         D, F = self.config.hidden_size, self.config.intermediate_size
-        w_gate = _param(self, "gate", (D, F), ("embed", "mlp"), self.param_dtype).astype(self.dtype)
-        w_up = _param(self, "up", (D, F), ("embed", "mlp"), self.param_dtype).astype(self.dtype)
-        w_down = _param(self, "down", (F, D), ("mlp", "embed"), self.param_dtype).astype(self.dtype)
-        h_BTF = nn.silu(jnp.einsum("btd,df->btf", x_BTD, w_gate)) * jnp.einsum("btd,df->btf", x_BTD, w_up)
-        return jnp.einsum("btf,fd->btd", h_BTF, w_down)
+        kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
+        up = dict(spec="btd,df->btf", in_shape=(D,), out_shape=(F,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        h_BTF = nn.silu(Projection(name="gate_proj", **up)(x_BTD, train)) * Projection(name="up_proj", **up)(
+            x_BTD, train
+        )
+        return Projection("btf,fd->btd", (F,), (D,), ("mlp",), ("embed",), name="down_proj", **kw)(h_BTF, train)
 
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
+    lora: Optional[LoraConfig]
     dtype: Any
     param_dtype: Any
     attention_impl: Optional[str] = None
+    train: bool = False  # an attribute, not an argument, so it stays a Python bool inside the scan
 
     @nn.compact
     def __call__(self, x_BTD, cos, sin, mask_BTS, cache_index, kv_cache):
+        train = self.train
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h_BTD = RMSNorm(c.rms_norm_eps, name="attn_norm", **kw)(x_BTD)
-        h_BTD, kv_cache = Attention(c, attention_impl=self.attention_impl, name="attn", **kw)(
-            h_BTD, cos, sin, mask_BTS, kv_cache, cache_index
+        h_BTD, kv_cache = Attention(c, self.lora, attention_impl=self.attention_impl, name="attn", **kw)(
+            h_BTD, cos, sin, mask_BTS, kv_cache, cache_index, train
         )
         x_BTD = x_BTD + h_BTD
-        x_BTD = x_BTD + Mlp(c, name="mlp", **kw)(RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x_BTD))
-        return x_BTD, kv_cache
+        h_BTD = RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x_BTD)
+        return x_BTD + Mlp(c, self.lora, name="mlp", **kw)(h_BTD, train), kv_cache
 
 
 def attention_mask(q_segment_BT, kv_segment_BS, cache_index=0) -> jnp.ndarray:
@@ -119,11 +160,16 @@ def attention_mask(q_segment_BT, kv_segment_BS, cache_index=0) -> jnp.ndarray:
 
 
 class Llama(nn.Module):
-    """`LlamaForCausalLM`. `dtype` is the compute dtype, `param_dtype` the dtype of the frozen weights."""
+    """`LlamaForCausalLM`, optionally with LoRA (`lora` collection) and trainable token rows (`tokens` collection).
+
+    `dtype` is the compute dtype, `param_dtype` the dtype of the frozen weights; adapters are float32.
+    """
 
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: Optional[LoraConfig] = None
+    token_rows: token_rows.TokenRows = token_rows.TokenRows()
     remat: bool = False
     attention_impl: Optional[str] = None  # None lets JAX choose; "xla" or "cudnn" to force one
 
@@ -134,9 +180,13 @@ class Llama(nn.Module):
         positions_BT: Optional[jnp.ndarray] = None,
         segment_ids_BT: Optional[jnp.ndarray] = None,
         cache: Optional[Cache] = None,
+        train: bool = False,
     ) -> tuple[jnp.ndarray, Optional[Cache]]:
-        """Returns logits [B, T, V] (compute dtype) and, when a cache is given, the cache with these tokens written."""
-        c = self.config
+        """Returns logits [B, T, V] (compute dtype) and, when a cache is given, the cache with these tokens written.
+
+        `train` turns on LoRA dropout (needs a `dropout` rng).
+        """
+        c, rows = self.config, self.token_rows
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -144,7 +194,11 @@ class Llama(nn.Module):
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
 
         embedding_VD = _param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.param_dtype)
-        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(self.dtype)
+        embed_table_KD = None
+        if rows.embed_ids:
+            ids = jnp.asarray(rows.embed_ids)
+            embed_table_KD = token_rows.table(self, "embed", lambda: jnp.take(embedding_VD, ids, axis=0))
+        x_BTD = token_rows.embed(embedding_VD, tokens_BT, rows.embed_ids, embed_table_KD, self.dtype)
         cos, sin = rope_tables(c, positions_BT, self.dtype)
 
         if cache is None:
@@ -160,20 +214,27 @@ class Llama(nn.Module):
             layer = nn.remat(layer, prevent_cse=False)
         layers = nn.scan(
             layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * 4 + (0,),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl, name="layers")
+        )(c, self.lora, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+          train=train, name="layers")
         x_BTD, kv_cache = layers(x_BTD, cos, sin, mask_BTS, cache_index, kv_cache)
 
         x_BTD = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x_BTD)
         if c.tie_word_embeddings:
             logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(self.dtype))
+            frozen_KD = jnp.take(embedding_VD, jnp.asarray(rows.embed_ids), axis=0)
+            logits_BTV = token_rows.replace_logits(logits_BTV, x_BTD, rows.embed_ids, embed_table_KD, frozen_KD)
         else:
             head_DV = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.param_dtype)
             logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(self.dtype))
+            if rows.head_ids:
+                frozen_KD = jnp.take(head_DV, jnp.asarray(rows.head_ids), axis=1).T
+                head_table_KD = token_rows.table(self, "head", lambda: frozen_KD)
+                logits_BTV = token_rows.replace_logits(logits_BTV, x_BTD, rows.head_ids, head_table_KD, frozen_KD)
 
         if cache is not None:
             k, v = kv_cache

@@ -1,0 +1,73 @@
+"""Evaluation loss: mean next-token cross-entropy over every predicted token of every row.
+
+Rows are summed, not averaged per row: eval_loss = (sum over rows of their summed token losses) / (number of predicted
+tokens), the definition `scripts/eval.py` documents and that PyTorch users get with `reduction="sum"`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxtok.errors import JaxtokError
+from jaxtok.loss import next_token_loss
+from jaxtok.model import Llama
+
+
+def read_text_rows(path: str | Path) -> list[str]:
+    """The `text` field of every row of a JSON-lines file."""
+    path = Path(path)
+    if not path.is_file():
+        raise JaxtokError(f"data file {path} does not exist")
+    texts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JaxtokError(f"{path}:{number} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise JaxtokError(f'{path}:{number} has no "text" string; rows must look like {{"text": "..."}}')
+            texts.append(row["text"])
+    if not texts:
+        raise JaxtokError(f"data file {path} has no rows")
+    return texts
+
+
+def tokenize_texts(tokenizer, texts: Iterable[str], seq_len: int) -> list[list[int]]:
+    """Token ids with the tokenizer's default special tokens (a BOS where it adds one), cut to `seq_len`."""
+    return [tokenizer(text)["input_ids"][:seq_len] for text in texts]
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _loss_sum(model: Llama, variables, tokens_BT, segments_BT):
+    logits_BTV, _ = model.apply(variables, tokens_BT, None, segments_BT)
+    return next_token_loss(logits_BTV, tokens_BT, segments_BT != 0)
+
+
+def evaluate(
+    model: Llama, variables: dict, rows: Sequence[Sequence[int]], seq_len: int, batch_size: int = 8, progress=True
+) -> dict:
+    """{"eval_loss", "tokens"} over `rows` (token id lists of at most seq_len), in fixed [batch, seq_len] batches."""
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(rows), batch_size), desc="eval", disable=not progress, leave=False):
+        tokens = np.zeros((batch_size, seq_len), np.int32)
+        segments = np.zeros((batch_size, seq_len), np.int32)
+        for b, row in enumerate(rows[start : start + batch_size]):
+            tokens[b, : len(row)] = row
+            segments[b, : len(row)] = 1
+        loss_sum, n = _loss_sum(model, variables, jnp.asarray(tokens), jnp.asarray(segments))
+        total += float(loss_sum)
+        count += int(n)
+    if count == 0:
+        raise JaxtokError("no row has two or more tokens, so there is nothing to predict")
+    return {"eval_loss": total / count, "tokens": count}

@@ -1,0 +1,104 @@
+"""Greedy and sampled decoding with a KV cache, compiled once per (batch, prompt length, new tokens) shape.
+
+Prompts are left-padded, as transformers does for decoder-only models: padding gets segment id 0 (never attended)
+and real tokens positions 0, 1, ... counted from their own first token, so a batch decodes exactly as each prompt
+would alone. After a row emits `eos_id` it emits `pad_id` only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtok.model import Llama, init_cache
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens, positions and segment ids [B, P] for left-padded prompts."""
+    P = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    segments = np.zeros((len(prompts), P), np.int32)
+    for b, p in enumerate(prompts):
+        if len(p):
+            tokens[b, P - len(p) :] = p
+            segments[b, P - len(p) :] = 1
+    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+    return tokens, positions, segments
+
+
+def _choose(logits_BV, rng, temperature: float, top_k: int, top_p: float):
+    if temperature <= 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # keep the smallest set whose mass reaches top_p: a token stays if the mass before it is below top_p
+        cutoff_index_B = jnp.sum(cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1) - 1
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id")
+)
+def _decode(model, variables, tokens_BP, positions_BP, segments_BP, rng, *, max_new_tokens, temperature, top_k, top_p,
+            eos_id, pad_id):
+    B, P = tokens_BP.shape
+    cache = init_cache(model.config, B, P + max_new_tokens, model.dtype)
+    choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p)
+    logits_BPV, cache = model.apply(variables, tokens_BP, positions_BP, segments_BP, cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    first_B = choose(logits_BPV[:, -1], step_rng)
+    done_B = first_B == eos_id if eos_id is not None else jnp.zeros((B,), bool)
+
+    def step(carry, _):
+        token_B, position_B, done_B, cache, rng = carry
+        logits_B1V, cache = model.apply(
+            variables, token_B[:, None], position_B[:, None], jnp.ones((B, 1), jnp.int32), cache=cache
+        )
+        rng, step_rng = jax.random.split(rng)
+        next_B = jnp.where(done_B, pad_id, choose(logits_B1V[:, 0], step_rng))
+        if eos_id is not None:
+            done_B = done_B | (next_B == eos_id)
+        return (next_B, position_B + 1, done_B, cache, rng), next_B
+
+    carry = (first_B, positions_BP[:, -1] + 1, done_B, cache, rng)
+    _, rest_NB = jax.lax.scan(step, carry, None, length=max_new_tokens - 1)
+    return jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
+
+
+def generate(
+    model: Llama,
+    variables: dict,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New tokens for each prompt (without the prompt), cut after `eos_id`. temperature 0 is greedy decoding."""
+    tokens, positions, segments = left_pad(prompts, pad_id)
+    out = _decode(
+        model, variables, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments), jax.random.key(seed),
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+        eos_id=eos_id, pad_id=pad_id,
+    )
+    results = []
+    for row in np.asarray(out).tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        results.append(row)
+    return results

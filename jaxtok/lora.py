@@ -1,0 +1,96 @@
+"""LoRA: low-rank adapters on the frozen linear maps, laid out and scaled exactly as PEFT does.
+
+For a targeted projection with frozen kernel W (in -> out):
+
+    y = x W + scaling * dropout(x) A^T B^T,    A: [R, in],  B: [out, R]
+
+with `in`/`out` the flattened feature sizes (for q_proj, out = N*H), so A and B are PEFT's `lora_A.weight` and
+`lora_B.weight` as they are and export is a renaming. scaling = alpha / R, or alpha / sqrt(R) with rsLoRA. A starts
+uniform in +-1/sqrt(in) (PEFT's kaiming-uniform with a=sqrt(5)) and B at zero, so a fresh adapter changes nothing.
+
+The parameters live in the `lora` collection, stacked over layers like the base:
+
+    params/layers/attn/q_proj/kernel   [L, D, N, H]   frozen
+    lora/layers/attn/q_proj/a          [L, R, D]      float32, trained
+    lora/layers/attn/q_proj/b          [L, N*H, R]    float32, trained
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtok.errors import JaxtokError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default for Llama
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise JaxtokError(f"LoRA rank must be a positive integer (got {self.rank!r})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise JaxtokError(f"LoRA dropout must be in [0, 1) (got {self.dropout!r})")
+        if not math.isfinite(self.alpha):
+            raise JaxtokError(f"LoRA alpha must be finite (got {self.alpha!r})")
+        object.__setattr__(self, "targets", expand_targets(self.targets))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def expand_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """Validates target module names; "all-linear" means every linear map but the output head, as in PEFT."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    if tuple(targets) == ("all-linear",):
+        return TARGETS
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise JaxtokError(
+            f"unknown LoRA target {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"choose from {', '.join(TARGETS)} or 'all-linear'"
+        )
+    return tuple(t for t in TARGETS if t in targets)  # canonical order, duplicates dropped
+
+
+def _uniform_fan_in(key, shape, dtype=jnp.float32):
+    bound = 1.0 / math.sqrt(shape[1])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def lora_delta(module: nn.Module, x_BTI, config: LoraConfig, out_features: int, axes: tuple[str, str], train: bool,
+               dtype):
+    """scaling * dropout(x) A^T B^T for x [B, T, in] -> [B, T, out], declaring `a` and `b` on `module`.
+
+    `axes` are the logical names of the in and out features. The init functions run only when the variables are
+    missing (init, or apply with `lora` mutable).
+    """
+    R, I = config.rank, x_BTI.shape[-1]
+    a_RI = module.variable(
+        "lora", "a", nn.with_logical_partitioning(lambda: _uniform_fan_in(module.make_rng("params"), (R, I)),
+                                                  ("lora_rank", axes[0]))
+    ).value
+    b_OR = module.variable(
+        "lora", "b", nn.with_logical_partitioning(lambda: jnp.zeros((out_features, R), jnp.float32),
+                                                  (axes[1], "lora_rank"))
+    ).value
+    if train and config.dropout > 0.0:
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - config.dropout, x_BTI.shape)
+        x_BTI = jnp.where(keep, x_BTI / (1.0 - config.dropout), 0.0).astype(x_BTI.dtype)
+    h_BTR = jnp.einsum("bti,ri->btr", x_BTI, a_RI.astype(dtype))
+    return jnp.einsum("btr,or->bto", h_BTR, b_OR.astype(dtype)) * jnp.asarray(config.scaling, dtype)

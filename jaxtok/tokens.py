@@ -1,0 +1,88 @@
+"""Trainable token rows: a small table [K, D] that replaces K rows of the frozen embedding (and head).
+
+PEFT's semantics (`LoraConfig(trainable_token_indices=...)`): the table holds absolute rows, not differences, starts as
+a copy of the current rows, and row k stands for token `ids[k]`. With a tied head the logits of those tokens come from
+the same rows; an untied head may get a second table for its own rows of (usually) the same ids.
+
+PEFT builds a copy of the whole V x D matrix with the rows replaced, on every forward and again for a tied head. Here
+no V x D array is made for the rows: the embedding gathers from the frozen matrix and then swaps in the table's rows
+for matching tokens ([B, T, K] one-hot), and the head adds x . (row - frozen row) to the K frozen logits. Gradients
+reach the table through those K-sized products only.
+
+    params/embed         [V, D]  frozen        tokens/embed  [K, D]  float32, trained
+    params/lm_head       [D, V]  frozen        tokens/head   [K', D] float32, trained (untied heads only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxtok.errors import JaxtokError
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRows:
+    """Which rows train: `embed_ids` for the embedding (and a tied head), `head_ids` for an untied head."""
+
+    embed_ids: tuple[int, ...] = ()
+    head_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "embed_ids", tuple(int(i) for i in self.embed_ids))
+        object.__setattr__(self, "head_ids", tuple(int(i) for i in self.head_ids))
+
+    def __bool__(self) -> bool:
+        return bool(self.embed_ids or self.head_ids)
+
+    def validate(self, vocab_size: int, tied: bool) -> None:
+        if tied and self.head_ids:
+            raise JaxtokError("the model ties its head to the embedding, so head rows train with the embedding rows; "
+                              "leave head ids empty")
+        for name, ids in (("embedding", self.embed_ids), ("head", self.head_ids)):
+            validate_ids(ids, vocab_size, f"trainable {name} rows", allow_empty=True)
+
+
+def validate_ids(ids: Sequence[int], vocab_size: int, what: str = "token ids", allow_empty: bool = False) -> None:
+    """In range, no duplicates, at least one (unless allowed); the error names the offending id."""
+    if not ids and not allow_empty:
+        raise JaxtokError(f"{what}: name at least one token")
+    seen = set()
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise JaxtokError(f"{what}: token id {i} is out of range; the vocabulary has ids 0..{vocab_size - 1}")
+        if i in seen:
+            raise JaxtokError(f"{what}: token id {i} is listed twice")
+        seen.add(i)
+
+
+def table(module: nn.Module, name: str, init_rows) -> jnp.ndarray:
+    """The `tokens/<name>` table [K, D], initialised from the current rows (a fresh table is a no-op)."""
+    init = nn.with_logical_partitioning(lambda: init_rows().astype(jnp.float32), ("token_rows", "embed"))
+    return module.variable("tokens", name, init).value
+
+
+def embed(embedding_VD, tokens_BT, ids: tuple[int, ...], table_KD, dtype):
+    """Embedding lookup with the table's rows in place of rows `ids`."""
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    if not ids:
+        return x_BTD
+    match_BTK = tokens_BT[..., None] == jnp.asarray(ids)
+    swapped_BTD = jnp.einsum("btk,kd->btd", match_BTK.astype(dtype), table_KD.astype(dtype))
+    return jnp.where(jnp.any(match_BTK, axis=-1, keepdims=True), swapped_BTD, x_BTD)
+
+
+def replace_logits(logits_BTV, x_BTD, ids: tuple[int, ...], table_KD, frozen_KD):
+    """Makes the logits of tokens `ids` equal x . row for the table's rows.
+
+    Adds x . (row - frozen row) to the frozen logits rather than overwriting them: a fresh table then changes
+    nothing bit for bit, and the backward pass needs no zeroed copy of the [B, T, V] cotangent.
+    """
+    if not ids:
+        return logits_BTV
+    delta_KD = (table_KD - frozen_KD.astype(table_KD.dtype)).astype(x_BTD.dtype)
+    rows_BTK = jnp.einsum("btd,kd->btk", x_BTD, delta_KD)
+    return logits_BTV.at[..., jnp.asarray(ids)].add(rows_BTK.astype(logits_BTV.dtype))
