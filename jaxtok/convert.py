@@ -188,3 +188,22 @@ def load_pretrained(
     compute = jnp.dtype(np_dtype(compute_dtype or dtype))
     model = Llama(config, dtype=compute, param_dtype=param_dtype, **model_kw)
     return model, load_hf_params(model_dir, model, allow_pickle)
+
+
+def to_hf_tensors(params: dict, config: LlamaConfig, dtype=None) -> dict[str, np.ndarray]:
+    """The table backwards: our `params` tree -> HF tensor name -> array (in `dtype`, default the params' own)."""
+    tensors = {}
+    for rule in TABLE:
+        try:
+            value = np.asarray(_get(params, rule.ours))
+        except KeyError:
+            continue  # lm_head of a tied model
+        to_hf = TRANSFORMS[rule.transform].to_hf
+        if "{i}" in rule.hf:
+            for i in range(config.num_layers):
+                tensors[rule.hf.format(i=i)] = to_hf(value[i])
+        else:
+            tensors[rule.hf] = to_hf(value)
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtok.errors import JaxtokError
 from jaxtok.model import Llama, init_cache
 
 
@@ -41,7 +42,7 @@ def _choose(logits_BV, rng, temperature: float, top_k: int, top_p: float):
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
         cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
         # keep the smallest set whose mass reaches top_p: a token stays if the mass before it is below top_p
-        cutoff_index_B = jnp.sum(cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1) - 1
+        cutoff_index_B = jnp.maximum(jnp.sum(cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1) - 1, 0)
         cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
         logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
@@ -90,6 +91,11 @@ def generate(
     seed: int = 0,
 ) -> list[list[int]]:
     """New tokens for each prompt (without the prompt), cut after `eos_id`. temperature 0 is greedy decoding."""
+    if not 0.0 <= top_p <= 1.0 or temperature < 0 or top_k < 0 or max_new_tokens < 1:
+        raise JaxtokError(
+            f"sampling needs 0 <= top_p <= 1, temperature >= 0, top_k >= 0 and max_new_tokens >= 1 (got top_p={top_p},"
+            f" temperature={temperature}, top_k={top_k}, max_new_tokens={max_new_tokens})"
+        )
     tokens, positions, segments = left_pad(prompts, pad_id)
     out = _decode(
         model, variables, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments), jax.random.key(seed),

@@ -23,8 +23,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def resolve_model_dir(path_or_id: str) -> Path:
+def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
     """A local checkpoint directory, or the local snapshot of a Hub repository."""
+    path_or_id = str(path_or_id)
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -108,6 +109,9 @@ def _iter_pickle(path: Path):
         import torch
     except ImportError:
         raise JaxtokError(f"reading {path.name} needs torch; convert the checkpoint to safetensors instead") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise JaxtokError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}); download it again") from None
     for name, t in state.items():
         yield name, path, t.float().numpy()

@@ -67,7 +67,7 @@ def make_train_step(
         new = TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state, rng)
         metrics = {
             "loss": total / count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree_utils.tree_norm(grads),
             "lr": lr_schedule(state.step),
             "tokens": count,
         }

@@ -32,7 +32,8 @@ def _batches(seed=0):
     out = []
     for _ in range(STEPS):
         tokens = rs.randint(0, 320, (B, T))
-        tokens[rs.rand(B, T) < 0.3] = rs.choice(IDS)
+        chosen = rs.rand(B, T) < 0.3
+        tokens[chosen] = rs.choice(IDS, chosen.sum())
         lengths = rs.randint(T // 2, T + 1, B)
         segments = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
         tokens = tokens * segments

@@ -1,0 +1,111 @@
+"""Choosing the token rows to train: adding new special tokens, naming existing ones, and planning the tables.
+
+New tokens are added to the tokenizer as special tokens (never split, never merged) and the frozen embedding (and an
+untied head) grow to hold them. Their rows start as the mean of the existing rows, or, given a description per
+token, as the mean of the rows of the description's tokens; either way they then train through the token table.
+This happens once, at set-up: the training step itself never builds a vocab x D array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtok.errors import JaxtokError
+from jaxtok.llama_config import LlamaConfig
+from jaxtok.tokens import TokenRows, validate_ids
+
+HEAD_CHOICES = ("added", "all", "none")
+
+
+def add_tokens(
+    tokenizer,
+    params: dict,
+    config: LlamaConfig,
+    new_tokens: Sequence[str],
+    descriptions: Optional[Sequence[str]] = None,
+) -> tuple[dict, LlamaConfig, tuple[int, ...]]:
+    """Adds `new_tokens` to `tokenizer` (in place) and grows `params`; returns (params, config, new ids).
+
+    The vocabulary becomes max(config.vocab_size, len(tokenizer)): checkpoints whose matrices already have spare
+    rows beyond the tokenizer use them.
+    """
+    if not new_tokens:
+        return params, config, ()
+    vocab = tokenizer.get_vocab()
+    seen = set()
+    for token in new_tokens:
+        if not isinstance(token, str) or not token:
+            raise JaxtokError(f"new token {token!r} must be a non-empty string")
+        if token in vocab:
+            raise JaxtokError(
+                f"token {token!r} is already in the vocabulary (id {vocab[token]}); list it under tokens.train instead"
+            )
+        if token in seen:
+            raise JaxtokError(f"new token {token!r} is listed twice")
+        seen.add(token)
+    if descriptions is not None and len(descriptions) != len(new_tokens):
+        raise JaxtokError(f"got {len(descriptions)} descriptions for {len(new_tokens)} new tokens; give one per token")
+
+    # Rows the descriptions average over are found before the tokenizer changes, so they use old tokens only.
+    description_ids = None
+    if descriptions is not None:
+        description_ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in descriptions]
+        for token, ids in zip(new_tokens, description_ids):
+            if not ids:
+                raise JaxtokError(f"the description of {token!r} is empty; describe it in a few words")
+    tokenizer.add_tokens(list(new_tokens), special_tokens=True)
+    new_ids = tuple(tokenizer.convert_tokens_to_ids(list(new_tokens)))
+    new_vocab = max(config.vocab_size, len(tokenizer))
+
+    params = dict(params)
+    params["embed"] = _grow(params["embed"], new_ids, new_vocab, description_ids)
+    if not config.tie_word_embeddings:
+        params["lm_head"] = _grow(params["lm_head"].T, new_ids, new_vocab, description_ids).T
+    return params, dataclasses.replace(config, vocab_size=new_vocab), new_ids
+
+
+def _grow(rows_VD, new_ids, new_vocab: int, description_ids) -> jnp.ndarray:
+    rows = np.asarray(rows_VD)
+    old_vocab = rows.shape[0]
+    mean_D = rows.astype(np.float32).mean(axis=0)
+    grown = np.concatenate([rows, np.zeros((new_vocab - old_vocab, rows.shape[1]), rows.dtype)], axis=0)
+    for k, token_id in enumerate(new_ids):
+        init = mean_D if description_ids is None else rows[description_ids[k]].astype(np.float32).mean(axis=0)
+        grown[token_id] = init.astype(rows.dtype)
+    return jnp.asarray(grown)
+
+
+def resolve_tokens(tokenizer, items: Sequence[Union[str, int]], vocab_size: int) -> tuple[int, ...]:
+    """Ids of existing tokens named by string or id; unknown strings, bad ids and duplicates are errors."""
+    vocab = tokenizer.get_vocab()
+    ids = []
+    for item in items:
+        if isinstance(item, str) and not item.lstrip("-").isdigit():
+            if item not in vocab:
+                raise JaxtokError(f"unknown token {item!r}: it is not in the tokenizer's vocabulary; "
+                                  "add it with tokens.add instead")
+            ids.append(vocab[item])
+        else:
+            ids.append(int(item))
+        if ids[-1] in ids[:-1]:
+            raise JaxtokError(f"token {item!r} (id {ids[-1]}) is listed twice")
+    validate_ids(ids, vocab_size, "tokens.train", allow_empty=True)
+    return tuple(ids)
+
+
+def plan_rows(added: Sequence[int], trained: Sequence[int], tied: bool, head: str = "added") -> TokenRows:
+    """The token tables: every added and trained id in the embedding table; for an untied head, the ids `head`
+    names ("added": the new tokens, whose head rows are untrained too; "all"; or "none")."""
+    if head not in HEAD_CHOICES:
+        raise JaxtokError(f"tokens.train_head must be one of {', '.join(HEAD_CHOICES)} (got {head!r})")
+    overlap = set(added) & set(trained)
+    if overlap:
+        raise JaxtokError(f"token ids {sorted(overlap)} are both added and listed as existing tokens to train")
+    embed_ids = tuple(added) + tuple(trained)
+    if tied or head == "none":
+        return TokenRows(embed_ids, ())
+    return TokenRows(embed_ids, tuple(added) if head == "added" else embed_ids)

@@ -1,0 +1,163 @@
+"""jaxtok.generate decodes what transformers' `generate` decodes: greedy token for token, eos, and sampling filters.
+
+Every `generate` call compiles once per (model, batch, prompt length, new tokens, sampling settings, eos); the tests
+share a few such shapes so the file compiles eight programs in all (seven decoders, one forward pass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import tiny
+from jaxtok.convert import load_pretrained
+from jaxtok.generate import generate
+
+NEW = 12  # new tokens per call
+# Different lengths so the batch is left-padded; random ids (the model is random, any ids make a prompt).
+_rng = np.random.default_rng(0)
+PROMPTS = [_rng.integers(2, 320, size=n).tolist() for n in (7, 3, 5)]
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    """tied -> (HF torch model, jaxtok model, params), loaded once for the module."""
+    loaded = {}
+
+    def get(tied: bool):
+        if tied not in loaded:
+            directory, hf = checkpoint(tied=True) if tied else checkpoint()
+            model, params = load_pretrained(str(directory), dtype="float32")
+            loaded[tied] = (hf, model, params)
+        return loaded[tied]
+
+    return get
+
+
+def hf_greedy(hf, prompt, new=NEW, eos_id=None) -> list[int]:
+    """transformers' greedy continuation of one prompt alone (no padding), without the prompt."""
+    config = transformers.GenerationConfig(
+        max_new_tokens=new, do_sample=False, eos_token_id=eos_id, pad_token_id=PAD, bos_token_id=None
+    )
+    ids = torch.tensor([prompt], dtype=torch.long)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_greedy_single_prompt_matches_hf(models, tied):
+    hf, model, params = models(tied)
+    ours = generate(model, {"params": params}, [PROMPTS[0]], NEW)
+    expected = hf_greedy(hf, PROMPTS[0])
+    assert len(expected) == NEW
+    assert ours == [expected]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_greedy_left_padded_batch_matches_each_prompt_alone(models, tied):
+    hf, model, params = models(tied)
+    ours = generate(model, {"params": params}, PROMPTS, NEW)
+    assert len(ours) == len(PROMPTS)
+    for b, prompt in enumerate(PROMPTS):
+        assert ours[b] == hf_greedy(hf, prompt), f"row {b} (prompt length {len(prompt)})"
+
+
+def _pick_eos(continuations: list[list[int]]) -> tuple[int, int, int]:
+    """(row, step, token): the first token, at step >= 2 of some row, that this row has not emitted before."""
+    for row, tokens in enumerate(continuations):
+        for step in range(2, len(tokens) - 1):
+            if tokens[step] not in tokens[:step]:
+                return row, step, tokens[step]
+    raise AssertionError(f"no usable eos candidate in {continuations}")
+
+
+def test_eos_stops_each_row_like_hf(models):
+    hf, model, params = models(False)
+    plain = [hf_greedy(hf, p) for p in PROMPTS]
+    row, step, eos = _pick_eos(plain)
+
+    ours = generate(model, {"params": params}, PROMPTS, NEW, eos_id=eos)
+    # The row that emits eos stops right after it, keeping eos; everything before is unchanged.
+    assert ours[row] == plain[row][: step + 1]
+    for b, prompt in enumerate(PROMPTS):
+        with_eos = hf_greedy(hf, prompt, eos_id=eos)
+        assert ours[b] == with_eos, f"row {b}"
+        cut = plain[b][: plain[b].index(eos) + 1] if eos in plain[b] else plain[b]
+        assert ours[b] == cut, f"row {b}: rows stop independently"
+
+
+# Sampling: 16 copies of one prompt in one call give 16 independent samples per step.
+SAMPLE_PROMPT = PROMPTS[0]
+SAMPLE_ROWS = 16
+TEMPERATURE, TOP_K, TOP_P = 0.7, 5, 0.8
+
+
+@pytest.fixture(scope="module")
+def sampled(models):
+    hf, model, params = models(False)
+
+    def run(seed):
+        return generate(
+            model, {"params": params}, [SAMPLE_PROMPT] * SAMPLE_ROWS, NEW,
+            temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, seed=seed,
+        )
+
+    return {"first": run(1), "again": run(1), "other": run(2)}
+
+
+def test_sampling_reproducible_for_a_seed(sampled):
+    assert sampled["first"] == sampled["again"]
+    assert all(len(row) == NEW for row in sampled["first"])
+
+
+def test_sampling_differs_across_seeds_and_rows(sampled):
+    assert sampled["first"] != sampled["other"]
+    # rows are independent samples, not copies of one
+    assert len({tuple(row) for row in sampled["first"]}) > 1
+
+
+def allowed_tokens(logits_V, tol=1e-4) -> set[int]:
+    """Tokens that temperature + top-k + top-p sampling may emit from these logits (with a float tolerance)."""
+    scaled = np.asarray(logits_V, np.float64) / TEMPERATURE
+    order = np.argsort(-scaled)
+    kth = scaled[order[TOP_K - 1]]
+    in_top_k = [int(t) for t in order if scaled[t] >= kth - tol]
+    # nucleus of the top-k-filtered distribution: a token stays while the mass before it is below top_p
+    kept = scaled[in_top_k]
+    probs = np.exp(kept - kept.max())
+    probs /= probs.sum()
+    mass_before = np.cumsum(probs) - probs
+    return {t for t, before in zip(in_top_k, mass_before) if before < TOP_P + tol}
+
+
+def test_sampling_first_step_within_top_k_and_top_p(models, sampled):
+    hf, model, params = models(False)
+    logits_V = tiny.jax_logits(model, params, np.asarray([SAMPLE_PROMPT], np.int32))[0, -1]
+    allowed = allowed_tokens(logits_V)
+    top_k_set = set(np.argsort(-logits_V)[:TOP_K].tolist())
+    assert allowed <= top_k_set
+    firsts = [row[0] for run in sampled.values() for row in run]
+    assert set(firsts) <= allowed, f"first tokens {sorted(set(firsts))}, allowed {sorted(allowed)}"
+    assert set(firsts) <= top_k_set
+
+
+def test_sampling_every_step_within_top_k_and_top_p(models, sampled):
+    hf, model, params = models(False)
+    for run in ("first", "other"):
+        rows = np.asarray([SAMPLE_PROMPT + row for row in sampled[run]])
+        logits_BTV = tiny.hf_logits(hf, rows)
+        P = len(SAMPLE_PROMPT)
+        for b in range(SAMPLE_ROWS):
+            for step in range(NEW):
+                token = int(rows[b, P + step])
+                assert token in allowed_tokens(logits_BTV[b, P + step - 1]), f"{run} row {b} step {step}"
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(models):
+    hf, model, params = models(False)
+    out = generate(model, {"params": params}, [SAMPLE_PROMPT] * SAMPLE_ROWS, NEW, temperature=1.0, top_p=0.0, seed=0)
+    assert out == [hf_greedy(hf, SAMPLE_PROMPT)] * SAMPLE_ROWS

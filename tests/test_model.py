@@ -1,0 +1,166 @@
+"""jaxtok's Llama computes the logits transformers' LlamaForCausalLM computes (float32, rel_err <= 1e-5)."""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+import tiny
+from jaxtok.convert import load_pretrained
+from jaxtok.model import logical_axes
+
+TOL = 1e-5
+
+
+def check_against_hf(directory, hf_model, tokens, mask, positions):
+    """Compares logits on the non-padding positions; returns the HF logits."""
+    model, params = load_pretrained(str(directory), dtype="float32")
+    ours = tiny.jax_logits(model, params, tokens, positions, mask)
+    ref = tiny.hf_logits(hf_model, tokens, mask, positions)
+    real = mask.astype(bool)
+    assert np.isfinite(ours[real]).all()
+    err = tiny.rel_err(ours[real], ref[real])
+    assert err <= TOL, f"rel_err {err:.2e} against transformers"
+    return ref
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_logits_match_hf_left_padded(checkpoint, kv_heads, tied):
+    directory, hf = checkpoint(kv_heads=kv_heads, tied=tied)
+    # One full row, two left-padded rows: HF gets attention_mask and cumsum positions, we get segment ids 0/1.
+    tokens, mask, positions = tiny.left_padded([12, 9, 4], 12, seed=kv_heads)
+    check_against_hf(directory, hf, tokens, mask, positions)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(2, 1), (8, 2)])
+def test_head_dim_independent_of_hidden(checkpoint, heads, kv_heads):
+    """head_dim stays 16 with hidden 64, so heads * head_dim != hidden (o_proj is [64, heads * 16])."""
+    directory, hf = checkpoint(heads=heads, kv_heads=kv_heads)
+    tokens, mask, positions = tiny.left_padded([8, 5], 8, seed=heads)
+    check_against_hf(directory, hf, tokens, mask, positions)
+
+
+def test_default_positions_and_segments(checkpoint):
+    """Without positions and segment ids the model reads one unpadded sequence per row, like HF without a mask."""
+    directory, hf = checkpoint()
+    tokens = np.random.default_rng(1).integers(0, 320, size=(2, 10)).astype(np.int32)
+    model, params = load_pretrained(str(directory))
+    logits, cache = jax.jit(model.apply)({"params": params}, tokens)
+    assert cache is None
+    assert tiny.rel_err(np.asarray(logits), tiny.hf_logits(hf, tokens)) <= TOL
+
+
+def test_packed_segments_match_separate_documents(checkpoint):
+    """Two documents packed in one row (segment ids 1, 2; positions restart) give each document's own logits."""
+    directory, hf = checkpoint()
+    rng = np.random.default_rng(2)
+    doc_a, doc_b = rng.integers(0, 320, size=7), rng.integers(0, 320, size=5)
+    tokens = np.concatenate([doc_a, doc_b, [0, 0]])[None].astype(np.int32)
+    segments = np.array([[1] * 7 + [2] * 5 + [0, 0]], np.int32)
+    positions = np.array([list(range(7)) + list(range(5)) + [0, 0]], np.int32)
+    model, params = load_pretrained(str(directory))
+    ours = tiny.jax_logits(model, params, tokens, positions, segments)[0]
+    assert tiny.rel_err(ours[:7], tiny.hf_logits(hf, doc_a[None])[0]) <= TOL
+    assert tiny.rel_err(ours[7:12], tiny.hf_logits(hf, doc_b[None])[0]) <= TOL
+
+
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+@pytest.mark.parametrize(
+    "original", [16, 32], ids=["orig16", "orig32"]
+)  # head_dim 16, theta 1e4: wavelengths 6.3, 20, 63, ...; 16 puts them in the medium and low bands, 32 in all three
+def test_llama3_rope(checkpoint, original):
+    rope = dict(LLAMA3, original_max_position_embeddings=original)
+    directory, hf = checkpoint(rope=rope, max_position_embeddings=128)
+    tokens, mask, positions = tiny.left_padded([100, 70], 100, seed=3)  # positions up to 99, far beyond `original`
+    check_against_hf(directory, hf, tokens, mask, positions)
+
+
+def test_linear_rope(checkpoint):
+    directory, hf = checkpoint(rope={"rope_type": "linear", "factor": 2.0})
+    tokens, mask, positions = tiny.left_padded([40, 25], 40, seed=4)
+    check_against_hf(directory, hf, tokens, mask, positions)
+
+
+@pytest.mark.parametrize(
+    "T, offset, scaled",
+    [(20, 0, False), (48, 0, True), (10, 40, True)],
+    ids=["within-max", "beyond-max", "offset-positions-beyond-max"],
+)
+def test_dynamic_rope(checkpoint, T, offset, scaled):
+    """NTK scaling from max(positions) + 1 of the call; each case runs one forward on a fresh HF model."""
+    directory, pristine = checkpoint(rope={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=32)
+    hf = copy.deepcopy(pristine)  # HF caches the rescaled frequencies in the module between calls
+    tokens, mask, positions = tiny.left_padded([T, T - 3], T, seed=5)
+    positions = positions + offset
+    check_against_hf(directory, hf, tokens, mask, positions)
+    rotary = hf.model.rotary_emb
+    assert bool((rotary.inv_freq != rotary.original_inv_freq).any()) == scaled  # the case tests what it says
+
+
+def test_jit_and_no_jit_agree(checkpoint):
+    directory, _ = checkpoint()
+    model, params = load_pretrained(str(directory))
+    tokens, mask, positions = tiny.left_padded([8, 5], 8, seed=6)
+    jitted = tiny.jax_logits(model, params, tokens, positions, mask, jit=True)
+    with jax.disable_jit():
+        eager = tiny.jax_logits(model, params, tokens, positions, mask, jit=False)
+    real = mask.astype(bool)
+    assert tiny.rel_err(eager[real], jitted[real]) <= TOL
+
+
+def _find(tree, *path):
+    """Walks `path`, each step a key or a tuple of alternative keys; a module holding a `kernel` yields the kernel."""
+    node = tree
+    for step in path:
+        keys = (step,) if isinstance(step, str) else step
+        key = next((k for k in keys if k in node), None)
+        assert key is not None, f"none of {keys} in {sorted(node)}"
+        node = node[key]
+    if isinstance(node, dict) and "kernel" in node:
+        node = node["kernel"]
+    return node
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_logical_axes(checkpoint, tied):
+    directory, _ = checkpoint(tied=tied)
+    model, params = load_pretrained(str(directory))
+    axes = logical_axes(model)
+    expected = {
+        ("embed",): ("vocab", "embed"),
+        ("layers", "attn", ("q", "q_proj")): ("layers", "embed", "heads", "head_dim"),
+        ("layers", "attn", ("k", "k_proj")): ("layers", "embed", "kv_heads", "head_dim"),
+        ("layers", "attn", ("v", "v_proj")): ("layers", "embed", "kv_heads", "head_dim"),
+        ("layers", "attn", ("o", "o_proj")): ("layers", "heads", "head_dim", "embed"),
+        ("layers", "mlp", ("gate", "gate_proj")): ("layers", "embed", "mlp"),
+        ("layers", "mlp", ("up", "up_proj")): ("layers", "embed", "mlp"),
+        ("layers", "mlp", ("down", "down_proj")): ("layers", "mlp", "embed"),
+        ("layers", "attn_norm", "scale"): ("layers", "embed"),
+        ("layers", "mlp_norm", "scale"): ("layers", "embed"),
+        ("final_norm", "scale"): ("embed",),
+    }
+    if not tied:
+        expected[("lm_head",)] = ("embed", "vocab")
+    for path, names in expected.items():
+        spec = _find(axes, *path)
+        assert isinstance(spec, PartitionSpec), (path, spec)
+        assert tuple(spec) == names, (path, spec)
+    assert ("lm_head" in axes) == (not tied)
+
+    # The loaded params have exactly the tree of the axes, one name per dimension, and no boxed leaves.
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    specs, spec_tree = jax.tree.flatten(axes, is_leaf=is_spec)
+    arrays, param_tree = jax.tree.flatten(params)
+    assert spec_tree == param_tree
+    for spec, array in zip(specs, arrays):
+        assert isinstance(array, jax.Array)
+        assert len(spec) == array.ndim and all(isinstance(n, str) for n in spec), (spec, array.shape)
+    L = model.config.num_layers
+    assert all(spec[0] == "layers" and a.shape[0] == L for spec, a in zip(specs, arrays) if "layers" in spec)

@@ -1,0 +1,222 @@
+"""Tiny Hugging Face checkpoints and tokenizers for tests, built on the fly (no Hub access needed).
+
+Import from tests as `import tiny` (pytest puts the tests directory on sys.path).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+HIDDEN, HEAD_DIM, INTERMEDIATE = 64, 16, 128
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "She sells sea shells by the sea shore.",
+    "How much wood would a woodchuck chuck if a woodchuck could chuck wood?",
+    "The rain in Spain stays mainly in the plain.",
+    "To be, or not to be, that is the question.",
+    "All that glitters is not gold.",
+    "It was the best of times, it was the worst of times.",
+    "Call me Ishmael.",
+    "In the beginning the universe was created.",
+    "The cat sat on the mat and looked at the hat.",
+    "We shall fight on the beaches, we shall fight on the landing grounds.",
+    "Ask not what your country can do for you.",
+    "I think, therefore I am.",
+    "The only thing we have to fear is fear itself.",
+    "Houston, we have a problem.",
+    "Elementary, my dear Watson.",
+    "May the force be with you.",
+    "Knowledge is power, and power is responsibility.",
+    "Time flies like an arrow; fruit flies like a banana.",
+    "Colorless green ideas sleep furiously.",
+    "Please pass the salt and the pepper.",
+    "The train to Boston leaves at 7:45 in the morning.",
+    "My phone number is 555-0123, call me after 6 pm.",
+    "Water boils at 100 degrees Celsius at sea level.",
+    "Photosynthesis turns sunlight, water and carbon dioxide into sugar.",
+    "The mitochondria is the powerhouse of the cell.",
+    "Python lists are mutable, but tuples are not.",
+    "def add(a, b): return a + b",
+    "for i in range(10): print(i * i)",
+    "Once upon a time, there lived a king who had three daughters.",
+    "The museum opens on Tuesday and closes on Sunday.",
+    "He ordered two coffees, one tea and a slice of cake.",
+    "Why did the chicken cross the road? To get to the other side!",
+    "Seven seas, six continents, and one small blue planet.",
+    "Yesterday it snowed; today the sun is shining again.",
+    "Translate 'hello' into French: bonjour.",
+    "Question: what is 12 plus 30? Answer: 42.",
+    "The committee will meet again next week to vote.",
+    "Birds of a feather flock together.",
+]
+
+
+def make_checkpoint(
+    dir,
+    *,
+    tied: bool = False,
+    kv_heads: int = 2,
+    heads: int = 4,
+    rope: dict | None = None,
+    dtype=torch.float32,
+    max_shard_size=None,
+    vocab: int = 320,
+    layers: int = 2,
+    seed: int = 0,
+    spelling: str = "v5",
+    max_position_embeddings: int = 64,
+) -> transformers.LlamaForCausalLM:
+    """Saves a random `LlamaForCausalLM` to `dir` and returns the float32 torch model its saved weights describe.
+
+    `rope` holds the HF RoPE parameters besides theta, e.g. `{"rope_type": "linear", "factor": 2.0}`.
+    `spelling`: "v5" as transformers 5 writes config.json; "v4" with top-level `rope_theta`, `rope_scaling`
+    (`rope_type` key) and `torch_dtype`; "v4-type" like "v4" but with the older `type` key in `rope_scaling`.
+    Norm weights are randomised too (HF initialises them to ones) so swapped norms cannot go unnoticed.
+    """
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, **(rope or {})}
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=0.1,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        rope_parameters=rope_parameters,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
+    reference_config = copy.deepcopy(config)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    model.save_pretrained(dir, **kwargs)
+    if spelling != "v5":
+        rewrite_config_v4(dir, use_type_key=spelling == "v4-type")
+    if dtype == torch.float32:
+        return model.eval()
+    # A fresh float32 model holding the rounded weights: `model.float()` would keep the RoPE `inv_freq` buffer that
+    # `.to(dtype)` rounded, which no model loaded from this checkpoint has.
+    reference = transformers.LlamaForCausalLM(reference_config).float()
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    return reference.eval()
+
+
+def rewrite_config_v4(dir, use_type_key: bool = False) -> dict:
+    """Rewrites `dir/config.json` from the transformers 5 spelling into the transformers 4 / Meta one."""
+    path = Path(dir) / "config.json"
+    config = json.loads(path.read_text())
+    rope = dict(config.pop("rope_parameters", None) or {})
+    config["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    rope_type = rope.pop("rope_type", None) or rope.pop("type", "default")
+    rope.pop("type", None)
+    if rope_type == "default":
+        config["rope_scaling"] = None
+    else:
+        config["rope_scaling"] = {("type" if use_type_key else "rope_type"): rope_type, **rope}
+    if "dtype" in config:
+        config["torch_dtype"] = config.pop("dtype")
+    config["transformers_version"] = "4.44.0"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return config
+
+
+def edit_config(dir, **changes) -> dict:
+    """Sets keys of `dir/config.json` (a value of `...` deletes the key); returns the new dict."""
+    path = Path(dir) / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config, indent=2))
+    return config
+
+
+def make_tokenizer(dir) -> transformers.PreTrainedTokenizerFast:
+    """Trains a byte-level BPE (vocab <= 300) on CORPUS, with BOS prepended to every encoding; saves it to `dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        min_frequency=2,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, padding_side="left"
+    )
+    Path(dir).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(dir)
+    return fast
+
+
+def rel_err(a, b) -> float:
+    """max|a - b| / max|b|, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def left_padded(lengths: list[int], T: int, vocab: int = 320, seed: int = 0):
+    """A left-padded batch: tokens [B, T] (int32), segment ids (1 real, 0 padding) and HF-style positions."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, size=(len(lengths), T)).astype(np.int32)
+    mask = np.zeros((len(lengths), T), np.int32)
+    for b, n in enumerate(lengths):
+        mask[b, T - n :] = 1
+    tokens = np.where(mask == 1, tokens, 0).astype(np.int32)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return tokens, mask, positions
+
+
+def hf_logits(model, tokens, mask=None, positions=None) -> np.ndarray:
+    """float32 logits of a torch model for int tokens [B, T]."""
+    kwargs = {}
+    if mask is not None:
+        kwargs["attention_mask"] = torch.as_tensor(np.asarray(mask), dtype=torch.long)
+    if positions is not None:
+        kwargs["position_ids"] = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long), use_cache=False, **kwargs)
+    return out.logits.float().numpy()
+
+
+def jax_logits(model, params, tokens, positions=None, segment_ids=None, jit=True) -> np.ndarray:
+    """float32 logits of a jaxtok model (segment ids: 1 real, 0 padding)."""
+    import jax
+
+    apply = jax.jit(model.apply) if jit else model.apply
+    logits, _ = apply({"params": params}, tokens, positions, segment_ids)
+    return np.asarray(logits.astype(np.float32))
