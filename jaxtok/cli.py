@@ -18,3 +18,60 @@ def run_main(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def parse_config(argv: list[str], flag_name: str = "config"):
+    """The locked ConfigDict that `--config=FILE` and its `--config.key=value` overrides describe.
+
+    absl and ml_collections report a bad file or key with a traceback; here each becomes a JaxtokError that names it.
+    """
+    import difflib
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    prefix = f"--{flag_name}."
+    overrides = [a for a in argv[1:] if a.startswith(prefix)]
+    others = [a for a in argv[1:] if a not in overrides]
+    base_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file(flag_name, None, "config file", flag_values=base_values,
+                                             lock_config=True, sys_argv=[argv[0], *others])
+    try:
+        rest = base_values([argv[0], *others])
+    except flags.Error as e:
+        raise JaxtokError(_one_line(e)) from None
+    if len(rest) > 1:
+        raise JaxtokError(f"unexpected arguments {rest[1:]}; options look like --{flag_name}.train.steps=10")
+    if base_values[flag_name].value is None:
+        raise JaxtokError(f"--{flag_name}=FILE is required, e.g. --{flag_name}=configs/demo.py")
+    try:
+        config = holder.value
+        config.keys()  # a file that failed to load gives a stand-in that raises on first use
+    except Exception as e:  # a missing file, or any error raised by the file's get_config()
+        raise JaxtokError(f"could not load --{flag_name}={base_values[flag_name].config_filename}: "
+                          f"{str(e).strip().splitlines()[-1].strip()}") from None
+    for arg in overrides:
+        path = arg[len(prefix):].split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in keys:
+                near = difflib.get_close_matches(key, keys, n=1)
+                hint = f"; did you mean {'.'.join(path[:depth] + near)}?" if near else ""
+                raise JaxtokError(f"unknown config key {'.'.join(path)} in {arg}{hint}")
+            node = node[key]
+    try:
+        values = flags.FlagValues()
+        holder = config_flags.DEFINE_config_file(flag_name, None, "config file", flag_values=values,
+                                                 lock_config=True, sys_argv=list(argv))
+        values(list(argv))
+        return holder.value
+    except flags.Error as e:
+        raise JaxtokError(_one_line(e)) from None
+
+
+def _one_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0]} {lines[-1]}"  # the error a config file raised, without its traceback
+    return " ".join(lines)

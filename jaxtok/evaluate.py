@@ -49,25 +49,44 @@ def tokenize_texts(tokenizer, texts: Iterable[str], seq_len: int) -> list[list[i
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _loss_sum(model: Llama, variables, tokens_BT, segments_BT):
-    logits_BTV, _ = model.apply(variables, tokens_BT, None, segments_BT)
-    return next_token_loss(logits_BTV, tokens_BT, segments_BT != 0)
+def _loss_sum(model: Llama, variables, tokens_BT, positions_BT, segments_BT, loss_mask_BT):
+    logits_BTV, _ = model.apply(variables, tokens_BT, positions_BT, segments_BT)
+    return next_token_loss(logits_BTV, tokens_BT, loss_mask_BT)
 
 
-def evaluate(
-    model: Llama, variables: dict, rows: Sequence[Sequence[int]], seq_len: int, batch_size: int = 8, progress=True
-) -> dict:
-    """{"eval_loss", "tokens"} over `rows` (token id lists of at most seq_len), in fixed [batch, seq_len] batches."""
+def evaluate_sequences(model: Llama, variables: dict, sequences: dict, batch_size: int = 8, progress=True) -> dict:
+    """{"eval_loss", "tokens"} over sequences (`tokens`, `positions`, `segment_ids`, `loss_mask`, each [N, T]).
+
+    The batch shape is fixed ([batch_size, T], the last batch padded with empty rows), so it compiles once.
+    """
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(rows), batch_size), desc="eval", disable=not progress, leave=False):
-        tokens = np.zeros((batch_size, seq_len), np.int32)
-        segments = np.zeros((batch_size, seq_len), np.int32)
-        for b, row in enumerate(rows[start : start + batch_size]):
-            tokens[b, : len(row)] = row
-            segments[b, : len(row)] = 1
-        loss_sum, n = _loss_sum(model, variables, jnp.asarray(tokens), jnp.asarray(segments))
+    N, T = sequences["tokens"].shape
+    keys = ("tokens", "positions", "segment_ids", "loss_mask")
+    for start in tqdm(range(0, N, batch_size), desc="eval", disable=not progress, leave=False):
+        batch = []
+        for key in keys:
+            part = np.zeros((batch_size, T), np.int32)
+            rows = np.asarray(sequences[key][start : start + batch_size])
+            part[: len(rows)] = rows
+            batch.append(jnp.asarray(part))
+        loss_sum, n = _loss_sum(model, variables, *batch)
         total += float(loss_sum)
         count += int(n)
     if count == 0:
         raise JaxtokError("no row has two or more tokens, so there is nothing to predict")
     return {"eval_loss": total / count, "tokens": count}
+
+
+def evaluate(
+    model: Llama, variables: dict, rows: Sequence[Sequence[int]], seq_len: int, batch_size: int = 8, progress=True
+) -> dict:
+    """{"eval_loss", "tokens"} over `rows` (token id lists of at most seq_len), every token after the first a target."""
+    N = len(rows)
+    tokens = np.zeros((N, seq_len), np.int32)
+    segments = np.zeros((N, seq_len), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, : len(row)] = row
+        segments[b, : len(row)] = 1
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (N, seq_len))
+    sequences = dict(tokens=tokens, positions=positions, segment_ids=segments, loss_mask=segments)
+    return evaluate_sequences(model, variables, sequences, batch_size, progress)

@@ -69,7 +69,8 @@ def make_train_step(
             "loss": total / count,
             "grad_norm": optax.tree_utils.tree_norm(grads),
             "lr": lr_schedule(state.step),
-            "tokens": count,
+            "tokens": count,  # target tokens
+            "input_tokens": jnp.sum(batch["segment_ids"] != 0),  # non-padding tokens read
         }
         return new, metrics
 

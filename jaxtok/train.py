@@ -1,0 +1,304 @@
+"""The training job: a run config in, a trained adapter, a merged checkpoint and a metrics log out.
+
+`run(config)` reads the base checkpoint, adds and plans the token rows, prepares the data, then trains LoRA + token
+rows with evaluation before the first step, every `train.eval_every` steps and after the last, checkpoints every
+`train.save_every` steps and at the end, and finally exports a PEFT adapter and a merged Hugging Face checkpoint.
+
+Resuming: started again on an `output_dir` that holds checkpoints, the job restores the latest and continues. The
+data order is a function of (seed, step) and the RNG and optimizer state are in the checkpoint, so a killed and
+resumed run ends with the same adapter as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxtok import data as data_lib
+from jaxtok import trainable as trainable_lib
+from jaxtok.checkpoint import Checkpoints
+from jaxtok.convert import load_pretrained, np_dtype
+from jaxtok.errors import JaxtokError
+from jaxtok.evaluate import evaluate_sequences
+from jaxtok.export import export_merged, export_peft
+from jaxtok.generate import generate
+from jaxtok.lora import LoraConfig
+from jaxtok.metrics import MetricsWriter, drop_after
+from jaxtok.model import Llama
+from jaxtok.optimizer import OptimConfig, make_optimizer, schedule
+from jaxtok.step import TrainState, init_state, make_train_step
+from jaxtok.tokenizer import load_tokenizer
+from jaxtok.vocab import add_tokens, plan_rows, resolve_tokens
+
+WEIGHT_DTYPES = ("float32", "bfloat16")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, with the key's name, on values that would only break later."""
+    t = config.train
+    for key in ("steps", "batch_size", "grad_accum", "log_every"):
+        value = t[key]
+        if not isinstance(value, int) or value < 1:
+            raise JaxtokError(f"train.{key} must be a positive integer (got {value!r})")
+    for key in ("eval_every", "save_every"):
+        if not isinstance(t[key], int) or t[key] < 0:
+            raise JaxtokError(f"train.{key} must be an integer >= 0 (got {t[key]!r}; 0 means only at the end)")
+    if not isinstance(t.seq_len, int) or t.seq_len < 2:
+        raise JaxtokError(f"train.seq_len must be at least 2 (got {t.seq_len!r}): a loss needs two tokens")
+    for key in ("dtype", "compute_dtype"):
+        value = config.model[key]
+        if value is not None and value not in WEIGHT_DTYPES:
+            raise JaxtokError(f"model.{key} must be one of {', '.join(WEIGHT_DTYPES)} (got {value!r})")
+    for key in ("lr", "token_lr", "weight_decay"):
+        value = config.optim[key]
+        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+            raise JaxtokError(f"optim.{key} must be a finite number >= 0 (got {value!r})")
+    if not config.output_dir:
+        raise JaxtokError("output_dir is empty; set --config.output_dir=DIR")
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise JaxtokError(f"output_dir {out} is a file; choose a directory")
+
+
+def lora_config(config) -> LoraConfig:
+    c = config.lora
+    return LoraConfig(rank=c.rank, alpha=float(c.alpha), dropout=float(c.dropout), targets=c.targets, rslora=c.rslora)
+
+
+def optim_config(config) -> OptimConfig:
+    c = config.optim
+    return OptimConfig(
+        lr=float(c.lr), token_lr=None if c.token_lr is None else float(c.token_lr), weight_decay=float(c.weight_decay),
+        token_weight_decay=float(c.token_weight_decay), warmup_steps=c.warmup_steps, schedule=c.schedule,
+        min_lr_ratio=float(c.min_lr_ratio), max_grad_norm=float(c.max_grad_norm), total_steps=config.train.steps,
+    )
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds before its first step."""
+
+    model: Llama
+    frozen: dict
+    adapters: dict
+    tokenizer: Any
+    model_path: str
+    added_ids: tuple[int, ...]
+    chat_template: Optional[str]
+    fmt: str
+    train_data: data_lib.Batches
+    eval_sequences: Optional[dict]
+    base_vocab: int
+
+
+def resolve_model_path(path: str) -> str:
+    from jaxtok import demo
+
+    if path == demo.DEMO_BASE:
+        return str(demo.ensure_demo_base())
+    return path
+
+
+def build(config) -> Setup:
+    check_config(config)
+    model_path = resolve_model_path(config.model.path)
+    np_dtype(config.model.dtype)
+    base, params = load_pretrained(
+        model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
+        allow_pickle=config.model.allow_pickle, remat=config.model.remat,
+        attention_impl=config.model.attention or None,
+    )
+    base_vocab = base.config.vocab_size
+    tokenizer = load_tokenizer(model_path)
+    descriptions = tuple(config.tokens.descriptions) or None
+    params, llama_config, added = add_tokens(tokenizer, params, base.config, tuple(config.tokens.add), descriptions)
+    trained = resolve_tokens(tokenizer, tuple(config.tokens.train), llama_config.vocab_size)
+    rows = plan_rows(added, trained, llama_config.tie_word_embeddings, config.tokens.train_head)
+    rows.validate(llama_config.vocab_size, llama_config.tie_word_embeddings)
+    model = base.clone(config=llama_config, lora=lora_config(config), token_rows=rows)
+
+    chat_template = config.data.chat_template or None
+    t = config.train
+    train_seqs, info = data_lib.prepare(
+        config.data.train, tokenizer, config.data.format, t.seq_len, config.data.packing, chat_template,
+        split=config.data.train_split,
+    )
+    eval_seqs = None
+    if config.data.eval:
+        eval_seqs, _ = data_lib.prepare(
+            config.data.eval, tokenizer, info["format"], t.seq_len, False, chat_template, split=config.data.eval_split,
+        )
+    batches = data_lib.Batches(
+        train_seqs, t.batch_size, t.grad_accum, t.seed, jax.process_index(), jax.process_count()
+    )
+    adapters = trainable_lib.init_adapters(model, params, jax.random.key(t.seed))
+    return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, chat_template, info["format"],
+                 batches, eval_seqs, base_vocab)
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def summary(setup: Setup, config) -> str:
+    total = _count(setup.frozen)
+    lora, rows = _count(setup.adapters.get("lora", {})), _count(setup.adapters.get("tokens", {}))
+    model_rows = setup.model.token_rows
+    names = {i: setup.tokenizer.convert_ids_to_tokens(i) for i in set(model_rows.embed_ids + model_rows.head_ids)}
+    describe = lambda ids: ", ".join(f"{i} {names[i]!r}" for i in ids) or "none"  # noqa: E731
+    devices = jax.devices()
+    t = config.train
+    return "\n".join([
+        f"devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es))",
+        f"model: {setup.model_path} (vocab {setup.base_vocab} -> {setup.model.config.vocab_size}, "
+        f"{'tied' if setup.model.config.tie_word_embeddings else 'untied'} head, weights {config.model.dtype})",
+        f"parameters: {total:,} frozen, {lora:,} LoRA (rank {config.lora.rank}, "
+        f"{', '.join(setup.model.lora.targets)}), {rows:,} in token rows; "
+        f"trainable {100 * (lora + rows) / (total + lora + rows):.3f}%",
+        f"token rows (embedding): {describe(model_rows.embed_ids)}",
+        f"token rows (head): {describe(model_rows.head_ids) if not setup.model.config.tie_word_embeddings else 'tied'}",
+        f"data: {setup.train_data.num_rows} training sequences ({setup.fmt}), batch {t.batch_size} x "
+        f"{t.grad_accum} accumulation x {t.seq_len} tokens, {t.steps} steps",
+    ])
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Runs (or resumes) the job; returns the final evaluation and step metrics."""
+    setup = build(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    log = tqdm.write if is_main else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
+    log(summary(setup, config))
+
+    full = config.train.full_embeddings
+    trainable, frozen = trainable_lib.split(trainable_lib.merge(setup.frozen, setup.adapters), full)
+    optim = optim_config(config)
+    optimizer = make_optimizer(optim, trainable_lib.labels(trainable, full))
+    step_fn = make_train_step(setup.model, optimizer, schedule(optim, optim.lr))
+    state = init_state(trainable, optimizer, config.train.seed)
+
+    checkpoints = Checkpoints(out / "checkpoints", config.train.keep_checkpoints)
+    record = {"token_rows": [list(setup.model.token_rows.embed_ids), list(setup.model.token_rows.head_ids)],
+              "vocab_size": setup.model.config.vocab_size}
+    start = 0
+    if checkpoints.latest_step() is not None:
+        state, saved = checkpoints.restore(state)
+        if saved.get("token_rows") != record["token_rows"] or saved.get("vocab_size") != record["vocab_size"]:
+            raise JaxtokError(f"{out} holds checkpoints of a run with other token rows or vocabulary; "
+                              "use another output_dir or remove its checkpoints")
+        start = int(state.step)
+        log(f"resuming from the checkpoint at step {start}")
+    drop_after(out, start)
+    writer = MetricsWriter(out, tensorboard=config.train.tensorboard)
+    try:
+        state, final = _loop(config, setup, state, frozen, step_fn, checkpoints, writer, start, record, log)
+    finally:
+        writer.close()
+        checkpoints.close()
+    variables = trainable_lib.merge(frozen, state.trainable)
+    if is_main:
+        _finish(config, setup, variables, state, out, log)
+    return final
+
+
+def _evaluate(setup: Setup, variables, config) -> Optional[dict]:
+    if setup.eval_sequences is None:
+        return None
+    return evaluate_sequences(setup.model, variables, setup.eval_sequences, config.train.batch_size, progress=False)
+
+
+def _loop(config, setup, state, frozen, step_fn, checkpoints, writer, start, record, log):
+    t = config.train
+    final: dict = {}
+
+    def run_eval(step):
+        result = _evaluate(setup, trainable_lib.merge(frozen, state.trainable), config)
+        if result is not None:
+            writer.write({"step": step, "eval_loss": result["eval_loss"], "eval_tokens": result["tokens"]})
+            log(f"step {step}: eval_loss {result['eval_loss']:.4f} over {result['tokens']} tokens")
+            final["eval_loss"] = result["eval_loss"]
+
+    def due(step, every):
+        return every > 0 and step % every == 0
+
+    if start == 0 or due(start, t.eval_every) or start == t.steps:
+        run_eval(start)
+    pending: list[tuple[int, dict]] = []
+    last_good = checkpoints.latest_step()
+    tick, bar = time.perf_counter(), tqdm(total=t.steps, initial=start, desc="train", disable=jax.process_index() != 0)
+    for step in range(start, t.steps):
+        state, metrics = step_fn(state, frozen, setup.train_data.batch(step))
+        done = step + 1
+        pending.append((done, metrics))
+        last = done == t.steps
+        if due(done, t.log_every) or last or due(done, t.save_every) or due(done, t.eval_every):
+            records = [{"step": s, **{k: float(v) for k, v in jax.device_get(m).items()}} for s, m in pending]
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            tokens = sum(r["input_tokens"] for r in records)
+            for r in records:
+                if not math.isfinite(r["loss"]):
+                    kept = f"the checkpoint at step {last_good} is kept" if last_good else "no checkpoint was saved"
+                    raise JaxtokError(f"the loss became {r['loss']} at step {r['step']}; {kept}. Lower optim.lr "
+                                      "or check the data")
+            for r in records:
+                r["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                writer.write(r)
+            final.update(records[-1])
+            bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", tok_s=f"{records[-1]['tokens_per_s']:.0f}")
+            bar.update(len(records))
+            pending = []
+        if due(done, t.eval_every) and not last:
+            run_eval(done)
+        if due(done, t.save_every) or last:
+            checkpoints.save(state, {**record, "step": done, "epoch": setup.train_data.epoch_of(done)})
+            last_good = done
+        if due(done, t.eval_every) or due(done, t.save_every):
+            tick = time.perf_counter()  # throughput counts training time only
+    bar.close()
+    if start < t.steps:
+        run_eval(t.steps)
+    return state, final
+
+
+def _finish(config, setup: Setup, variables: dict, state: TrainState, out: Path, log) -> None:
+    adapters = {k: v for k, v in state.trainable.items() if k in ("lora", "tokens")}
+    vocab_grew = setup.model.config.vocab_size != setup.base_vocab
+    if config.export.peft:
+        export_peft(out / "adapter", setup.model, adapters, setup.model_path, tokenizer=setup.tokenizer,
+                    vocab_grew=vocab_grew, overwrite=True)
+        log(f"PEFT adapter: {out / 'adapter'}")
+    if config.export.merged:
+        params = trainable_lib.merge(setup.frozen, {k: v for k, v in state.trainable.items() if k == "params"})
+        export_merged(out / "merged", setup.model, params["params"], adapters, tokenizer=setup.tokenizer,
+                      dtype=config.export.merged_dtype or config.model.dtype, overwrite=True)
+        log(f"merged checkpoint: {out / 'merged'}")
+    if config.sample.prompt and config.sample.max_new_tokens > 0:
+        text = sample(setup, variables, config.sample.prompt, config.sample.max_new_tokens, config.sample.stop)
+        log(f"sample: {config.sample.prompt!r} -> {text!r}")
+
+
+def sample(setup: Setup, variables: dict, prompt: str, max_new_tokens: int, stop: str = "") -> str:
+    """Greedy continuation of `prompt` (as a user turn for chat data), special tokens shown."""
+    tokenizer = setup.tokenizer
+    if setup.fmt == "messages":
+        template = setup.chat_template or tokenizer.chat_template
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=template,
+                                            add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, dict):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    stop_id = resolve_tokens(tokenizer, (stop,), setup.model.config.vocab_size)[0] if stop else tokenizer.eos_token_id
+    out = generate(setup.model, variables, [list(ids)], max_new_tokens, eos_id=stop_id,
+                   pad_id=tokenizer.pad_token_id or 0)[0]
+    return tokenizer.decode(out, skip_special_tokens=False)
