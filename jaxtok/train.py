@@ -124,6 +124,10 @@ def build(config) -> Setup:
     trained = resolve_tokens(tokenizer, tuple(config.tokens.train), llama_config.vocab_size)
     rows = plan_rows(added, trained, llama_config.tie_word_embeddings, config.tokens.train_head)
     rows.validate(llama_config.vocab_size, llama_config.tie_word_embeddings)
+    untrained_head = [i for i in added if not llama_config.tie_word_embeddings and i not in rows.head_ids]
+    if untrained_head and config.export.peft:
+        raise JaxtokError("added tokens need trained head rows for a PEFT adapter (PEFT would give them random rows); "
+                          "set tokens.train_head=added or export.peft=False")
     model = base.clone(config=llama_config, lora=lora_config(config), token_rows=rows)
 
     chat_template = config.data.chat_template or None
@@ -201,7 +205,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     drop_after(out, start)
     writer = MetricsWriter(out, tensorboard=config.train.tensorboard)
     try:
-        state, final = _loop(config, setup, state, frozen, step_fn, checkpoints, writer, start, record, log)
+        state, final = _Loop(config, setup, state, frozen, step_fn, checkpoints, writer, record, log).run(start)
     finally:
         writer.close()
         checkpoints.close()
@@ -217,65 +221,84 @@ def _evaluate(setup: Setup, variables, config) -> Optional[dict]:
     return evaluate_sequences(setup.model, variables, setup.eval_sequences, config.train.batch_size, progress=False)
 
 
-def _loop(config, setup, state, frozen, step_fn, checkpoints, writer, start, record, log):
-    t = config.train
-    final: dict = {}
+class _Loop:
+    """The training loop's moving parts: the state, its metrics on their way to the log, evaluation, saving."""
 
-    def run_eval(step):
-        result = _evaluate(setup, trainable_lib.merge(frozen, state.trainable), config)
-        if result is not None:
-            writer.write({"step": step, "eval_loss": result["eval_loss"], "eval_tokens": result["tokens"]})
-            log(f"step {step}: eval_loss {result['eval_loss']:.4f} over {result['tokens']} tokens")
-            final["eval_loss"] = result["eval_loss"]
+    def __init__(self, config, setup: Setup, state: TrainState, frozen, step_fn, checkpoints, writer, record, log):
+        self.config, self.setup, self.state, self.frozen = config, setup, state, frozen
+        self.step_fn, self.checkpoints, self.writer, self.record, self.log = step_fn, checkpoints, writer, record, log
+        self.final: dict = {}
+        self.pending: list[tuple[int, dict]] = []
+        self.last_good = checkpoints.latest_step()
 
-    def due(step, every):
+    def due(self, step: int, every: int) -> bool:
         return every > 0 and step % every == 0
 
-    if start == 0 or due(start, t.eval_every) or start == t.steps:
-        run_eval(start)
-    pending: list[tuple[int, dict]] = []
-    last_good = checkpoints.latest_step()
-    tick, bar = time.perf_counter(), tqdm(total=t.steps, initial=start, desc="train", disable=jax.process_index() != 0)
-    for step in range(start, t.steps):
-        state, metrics = step_fn(state, frozen, setup.train_data.batch(step))
-        done = step + 1
-        pending.append((done, metrics))
-        last = done == t.steps
-        if due(done, t.log_every) or last or due(done, t.save_every) or due(done, t.eval_every):
-            records = [{"step": s, **{k: float(v) for k, v in jax.device_get(m).items()}} for s, m in pending]
-            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            tokens = sum(r["input_tokens"] for r in records)
-            for r in records:
-                if not math.isfinite(r["loss"]):
-                    kept = f"the checkpoint at step {last_good} is kept" if last_good else "no checkpoint was saved"
-                    raise JaxtokError(f"the loss became {r['loss']} at step {r['step']}; {kept}. Lower optim.lr "
-                                      "or check the data")
-            for r in records:
-                r["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-                writer.write(r)
-            final.update(records[-1])
-            bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", tok_s=f"{records[-1]['tokens_per_s']:.0f}")
-            bar.update(len(records))
-            pending = []
-        if due(done, t.eval_every) and not last:
-            run_eval(done)
-        if due(done, t.save_every) or last:
-            checkpoints.save(state, {**record, "step": done, "epoch": setup.train_data.epoch_of(done)})
-            last_good = done
-        if due(done, t.eval_every) or due(done, t.save_every):
-            tick = time.perf_counter()  # throughput counts training time only
-    bar.close()
-    if start < t.steps:
-        run_eval(t.steps)
-    return state, final
+    def evaluate(self, step: int) -> None:
+        result = _evaluate(self.setup, trainable_lib.merge(self.frozen, self.state.trainable), self.config)
+        if result is not None:
+            self.writer.write({"step": step, "eval_loss": result["eval_loss"], "eval_tokens": result["tokens"]})
+            self.log(f"step {step}: eval_loss {result['eval_loss']:.4f} over {result['tokens']} tokens")
+            self.final["eval_loss"] = result["eval_loss"]
+
+    def flush(self, elapsed: float, bar) -> None:
+        """Reads the pending step metrics from the device, stops on a non-finite loss, logs them."""
+        records = [{"step": s, **{k: float(v) for k, v in jax.device_get(m).items()}} for s, m in self.pending]
+        self.pending = []
+        for r in records:
+            # a finite loss with a non-finite gradient still leaves non-finite parameters behind
+            if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):
+                kept = (f"the checkpoint at step {self.last_good} is kept" if self.last_good
+                        else "no checkpoint was saved")
+                raise JaxtokError(f"the loss became {r['loss']} (gradient norm {r['grad_norm']}) at step "
+                                  f"{r['step']}; {kept}. Lower optim.lr or check the data")
+        tokens_per_s = sum(r["input_tokens"] for r in records) / max(elapsed, 1e-9)
+        for r in records:
+            r["tokens_per_s"] = tokens_per_s
+            self.writer.write(r)
+        self.final.update(records[-1])
+        bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+        bar.update(len(records))
+
+    def run(self, start: int) -> tuple[TrainState, dict]:
+        t = self.config.train
+        if start == 0 or self.due(start, t.eval_every) or start == t.steps:
+            self.evaluate(start)
+        bar = tqdm(total=t.steps, initial=start, desc="train", disable=jax.process_index() != 0)
+        try:
+            self.train(start, bar)
+        finally:
+            bar.close()  # before any error message, so the message is the last line
+        if start < t.steps:
+            self.evaluate(t.steps)
+        return self.state, self.final
+
+    def train(self, start: int, bar) -> None:
+        t, due = self.config.train, self.due
+        tick = time.perf_counter()
+        for step in range(start, t.steps):
+            self.state, metrics = self.step_fn(self.state, self.frozen, self.setup.train_data.batch(step))
+            done = step + 1
+            self.pending.append((done, metrics))
+            last = done == t.steps
+            if due(done, t.log_every) or last or due(done, t.save_every) or due(done, t.eval_every):
+                self.flush(time.perf_counter() - tick, bar)
+                tick = time.perf_counter()
+            if due(done, t.eval_every) and not last:
+                self.evaluate(done)
+            if due(done, t.save_every) or last:
+                epoch = self.setup.train_data.epoch_of(done)
+                self.checkpoints.save(self.state, {**self.record, "step": done, "epoch": epoch})
+                self.last_good = done
+            if due(done, t.eval_every) or due(done, t.save_every):
+                tick = time.perf_counter()  # throughput counts training time only
 
 
 def _finish(config, setup: Setup, variables: dict, state: TrainState, out: Path, log) -> None:
     adapters = {k: v for k, v in state.trainable.items() if k in ("lora", "tokens")}
-    vocab_grew = setup.model.config.vocab_size != setup.base_vocab
     if config.export.peft:
         export_peft(out / "adapter", setup.model, adapters, setup.model_path, tokenizer=setup.tokenizer,
-                    vocab_grew=vocab_grew, overwrite=True)
+                    added_ids=setup.added_ids, overwrite=True)
         log(f"PEFT adapter: {out / 'adapter'}")
     if config.export.merged:
         params = trainable_lib.merge(setup.frozen, {k: v for k, v in state.trainable.items() if k == "params"})
