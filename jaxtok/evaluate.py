@@ -54,10 +54,12 @@ def _loss_sum(model: Llama, variables, tokens_BT, positions_BT, segments_BT, los
     return next_token_loss(logits_BTV, tokens_BT, loss_mask_BT)
 
 
-def evaluate_sequences(model: Llama, variables: dict, sequences: dict, batch_size: int = 8, progress=True) -> dict:
+def evaluate_sequences(model: Llama, variables: dict, sequences: dict, batch_size: int = 8, progress=True,
+                       place=jnp.asarray) -> dict:
     """{"eval_loss", "tokens"} over sequences (`tokens`, `positions`, `segment_ids`, `loss_mask`, each [N, T]).
 
-    The batch shape is fixed ([batch_size, T], the last batch padded with empty rows), so it compiles once.
+    The batch shape is fixed ([batch_size, T], the last batch padded with empty rows), so it compiles once. `place`
+    puts a [batch_size, T] host array on the devices (on a mesh: split over its batch axes).
     """
     total, count = 0.0, 0
     N, T = sequences["tokens"].shape
@@ -68,7 +70,7 @@ def evaluate_sequences(model: Llama, variables: dict, sequences: dict, batch_siz
             part = np.zeros((batch_size, T), np.int32)
             rows = np.asarray(sequences[key][start : start + batch_size])
             part[: len(rows)] = rows
-            batch.append(jnp.asarray(part))
+            batch.append(place(part))
         loss_sum, n = _loss_sum(model, variables, *batch)
         total += float(loss_sum)
         count += int(n)

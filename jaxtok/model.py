@@ -252,12 +252,22 @@ def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.flo
     )
 
 
-def abstract_params(model: Llama) -> dict:
-    """Shapes, dtypes and logical axis names of every parameter, without allocating any (boxed ShapeDtypeStructs)."""
+def abstract_variables(model: Llama) -> dict:
+    """Shapes, dtypes and logical axis names of every variable (params, lora, tokens), without allocating any."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    return dict(jax.eval_shape(model.init, jax.random.key(0), tokens))
+
+
+def abstract_params(model: Llama) -> dict:
+    """The frozen `params` of `abstract_variables` (boxed ShapeDtypeStructs)."""
+    return abstract_variables(model)["params"]
+
+
+def logical_axes_of(model: Llama) -> dict:
+    """A tree like the variables whose leaves are PartitionSpecs of logical axis names."""
+    return nn.get_partition_spec(abstract_variables(model))
 
 
 def logical_axes(model: Llama) -> dict:
     """A tree like the parameters whose leaves are PartitionSpecs of logical axis names."""
-    return nn.get_partition_spec(abstract_params(model))
+    return logical_axes_of(model)["params"]

@@ -65,6 +65,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.full_embeddings = False  # research baseline: train the whole embedding and head instead of rows
     c.train.tensorboard = True  # also write TensorBoard event files under output_dir/tensorboard
 
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # devices as (data, fsdp, tensor); -1: the rest. Default: FSDP over all devices
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""  # "host:port" of process 0 to run several processes; "" runs one
+    c.distributed.num_processes = 1  # processes in the job (with coordinator)
+    c.distributed.process_id = 0  # this process's index (with coordinator)
+    c.distributed.auto = False  # let jax.distributed.initialize() read SLURM / TPU pod / MPI settings instead
+
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = ""  # after training, print a greedy continuation of this prompt ("" skips)
     c.sample.max_new_tokens = 48

@@ -8,12 +8,13 @@ the update is that of the token-weighted mean loss over the whole batch, whateve
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtok import trainable as trainable_lib
 from jaxtok.loss import next_token_loss
@@ -34,10 +35,40 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation, seed: i
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), jax.random.key(seed))
 
 
+def state_shardings(optimizer: optax.GradientTransformation, trainable, trainable_shardings, mesh) -> TrainState:
+    """Shardings of a TrainState: optimizer moments are placed like the parameter they belong to, the rest replicated.
+
+    A moment is matched to its parameter by path (optax states nest the parameter tree), never by shape: two
+    parameters of one shape can be sharded differently.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_path = {_names(path): sh for path, sh in jax.tree_util.tree_flatten_with_path(trainable_shardings)[0]}
+
+    def place(path, leaf):
+        names = _names(path)
+        for start in range(len(names)):
+            if names[start:] in by_path and getattr(leaf, "ndim", 0) > 0:
+                return by_path[names[start:]]
+        return replicated
+
+    abstract_opt = jax.eval_shape(optimizer.init, trainable)
+    opt = jax.tree_util.tree_map_with_path(place, abstract_opt)
+    return TrainState(replicated, trainable_shardings, opt, replicated)
+
+
+def _names(path) -> tuple[str, ...]:
+    return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
 def make_train_step(
-    model: Llama, optimizer: optax.GradientTransformation, lr_schedule: Callable, donate: bool = True
+    model: Llama, optimizer: optax.GradientTransformation, lr_schedule: Callable, donate: bool = True,
+    shardings: Optional[tuple] = None,
 ) -> Callable[[TrainState, dict, Batch], tuple[TrainState, dict]]:
-    """`step(state, frozen, batch) -> (state, metrics)`, jit-compiled, donating the state."""
+    """`step(state, frozen, batch) -> (state, metrics)`, jit-compiled, donating the state.
+
+    `shardings` = (state, frozen, batch) shardings pins the step's inputs and outputs to a mesh; metrics come back
+    replicated.
+    """
 
     def loss_sum(trainable, frozen, micro, rng):
         logits_BTV, _ = model.apply(
@@ -74,5 +105,10 @@ def make_train_step(
         }
         return new, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    jit_kw = {}
+    if shardings is not None:
+        state_sh, frozen_sh, batch_sh = shardings
+        metrics_sh = NamedSharding(batch_sh.mesh, PartitionSpec())
+        jit_kw = dict(in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, metrics_sh))
+    return jax.jit(step, donate_argnums=(0,) if donate else (), **jit_kw)
 

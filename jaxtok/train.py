@@ -17,25 +17,29 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxtok import data as data_lib
 from jaxtok import trainable as trainable_lib
 from jaxtok.checkpoint import Checkpoints
-from jaxtok.convert import load_pretrained, np_dtype
+from jaxtok.convert import load_pretrained
 from jaxtok.errors import JaxtokError
 from jaxtok.evaluate import evaluate_sequences
 from jaxtok.export import export_merged, export_peft
 from jaxtok.generate import generate
 from jaxtok.lora import LoraConfig
 from jaxtok.metrics import MetricsWriter, drop_after
-from jaxtok.model import Llama
+from jaxtok.model import Llama, abstract_variables, logical_axes_of
 from jaxtok.optimizer import OptimConfig, make_optimizer, schedule
-from jaxtok.step import TrainState, init_state, make_train_step
+from jaxtok.sharding import RULES, batch_sharding, global_array, initialize_distributed, make_mesh, tree_shardings
+from jaxtok.step import TrainState, init_state, make_train_step, state_shardings
 from jaxtok.tokenizer import load_tokenizer
 from jaxtok.vocab import add_tokens, plan_rows, resolve_tokens
 
@@ -98,6 +102,7 @@ class Setup:
     train_data: data_lib.Batches
     eval_sequences: Optional[dict]
     base_vocab: int
+    mesh: Mesh
 
 
 def resolve_model_path(path: str) -> str:
@@ -109,13 +114,18 @@ def resolve_model_path(path: str) -> str:
 
 
 def build(config) -> Setup:
+    """Everything before the first step; on a mesh, every array is created in its shards."""
     check_config(config)
+    mesh = make_mesh(config.mesh.shape)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % batch_shards:
+        raise JaxtokError(f"train.batch_size {config.train.batch_size} does not split over the mesh's "
+                          f"data x fsdp = {batch_shards} devices; use a multiple of {batch_shards}")
     model_path = resolve_model_path(config.model.path)
-    np_dtype(config.model.dtype)
     base, params = load_pretrained(
         model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
         allow_pickle=config.model.allow_pickle, remat=config.model.remat,
-        attention_impl=config.model.attention or None,
+        attention_impl=config.model.attention or None, mesh=mesh,
     )
     base_vocab = base.config.vocab_size
     tokenizer = load_tokenizer(model_path)
@@ -129,6 +139,8 @@ def build(config) -> Setup:
         raise JaxtokError("added tokens need trained head rows for a PEFT adapter (PEFT would give them random rows); "
                           "set tokens.train_head=added or export.peft=False")
     model = base.clone(config=llama_config, lora=lora_config(config), token_rows=rows)
+    logical = logical_axes_of(model)
+    params = jax.device_put(params, tree_shardings(params, logical["params"], mesh))  # the vocabulary may have grown
 
     chat_template = config.data.chat_template or None
     t = config.train
@@ -141,12 +153,15 @@ def build(config) -> Setup:
         eval_seqs, _ = data_lib.prepare(
             config.data.eval, tokenizer, info["format"], t.seq_len, False, chat_template, split=config.data.eval_split,
         )
-    batches = data_lib.Batches(
-        train_seqs, t.batch_size, t.grad_accum, t.seed, jax.process_index(), jax.process_count()
-    )
-    adapters = trainable_lib.init_adapters(model, params, jax.random.key(t.seed))
+    # Every process computes the whole batch of a step (a cheap function of seed and step) and copies to its
+    # devices only the rows they hold (`sharding.global_array`), whatever the mesh's layout over hosts.
+    batches = data_lib.Batches(train_seqs, t.batch_size, t.grad_accum, t.seed)
+    adapter_logical = {k: v for k, v in logical.items() if k != "params"}
+    adapter_shapes = {k: v for k, v in nn.unbox(abstract_variables(model)).items() if k != "params"}
+    adapters = trainable_lib.init_adapters(model, params, jax.random.key(t.seed),
+                                           tree_shardings(adapter_shapes, adapter_logical, mesh))
     return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, chat_template, info["format"],
-                 batches, eval_seqs, base_vocab)
+                 batches, eval_seqs, base_vocab, mesh)
 
 
 def _count(tree) -> int:
@@ -177,6 +192,8 @@ def summary(setup: Setup, config) -> str:
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """Runs (or resumes) the job; returns the final evaluation and step metrics."""
+    d = config.distributed
+    initialize_distributed(d.coordinator, d.num_processes, d.process_id, d.auto)
     setup = build(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,8 +205,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
     trainable, frozen = trainable_lib.split(trainable_lib.merge(setup.frozen, setup.adapters), full)
     optim = optim_config(config)
     optimizer = make_optimizer(optim, trainable_lib.labels(trainable, full))
-    step_fn = make_train_step(setup.model, optimizer, schedule(optim, optim.lr))
-    state = init_state(trainable, optimizer, config.train.seed)
+    mesh = setup.mesh
+    shardings = jax.tree.map(lambda x: x.sharding, (trainable, frozen))
+    state_sh = state_shardings(optimizer, trainable, shardings[0], mesh)
+    step_fn = make_train_step(setup.model, optimizer, schedule(optim, optim.lr),
+                              shardings=(state_sh, shardings[1], batch_sharding(mesh)))
+    state = jax.jit(lambda t: init_state(t, optimizer, config.train.seed), out_shardings=state_sh)(trainable)
 
     checkpoints = Checkpoints(out / "checkpoints", config.train.keep_checkpoints)
     record = {"token_rows": [list(setup.model.token_rows.embed_ids), list(setup.model.token_rows.head_ids)],
@@ -209,16 +230,16 @@ def run(config: ml_collections.ConfigDict) -> dict:
     finally:
         writer.close()
         checkpoints.close()
-    variables = trainable_lib.merge(frozen, state.trainable)
-    if is_main:
-        _finish(config, setup, variables, state, out, log)
+    _finish(config, setup, frozen, state, out, log)
     return final
 
 
 def _evaluate(setup: Setup, variables, config) -> Optional[dict]:
     if setup.eval_sequences is None:
         return None
-    return evaluate_sequences(setup.model, variables, setup.eval_sequences, config.train.batch_size, progress=False)
+    sharding = NamedSharding(setup.mesh, PartitionSpec(RULES["batch"], None))
+    return evaluate_sequences(setup.model, variables, setup.eval_sequences, config.train.batch_size, progress=False,
+                              place=lambda rows: global_array(rows, sharding))
 
 
 class _Loop:
@@ -230,6 +251,7 @@ class _Loop:
         self.final: dict = {}
         self.pending: list[tuple[int, dict]] = []
         self.last_good = checkpoints.latest_step()
+        self.batch_sharding = batch_sharding(setup.mesh)
 
     def due(self, step: int, every: int) -> bool:
         return every > 0 and step % every == 0
@@ -277,7 +299,8 @@ class _Loop:
         t, due = self.config.train, self.due
         tick = time.perf_counter()
         for step in range(start, t.steps):
-            self.state, metrics = self.step_fn(self.state, self.frozen, self.setup.train_data.batch(step))
+            batch = {k: global_array(v, self.batch_sharding) for k, v in self.setup.train_data.batch(step).items()}
+            self.state, metrics = self.step_fn(self.state, self.frozen, batch)
             done = step + 1
             self.pending.append((done, metrics))
             last = done == t.steps
@@ -294,18 +317,33 @@ class _Loop:
                 tick = time.perf_counter()  # throughput counts training time only
 
 
-def _finish(config, setup: Setup, variables: dict, state: TrainState, out: Path, log) -> None:
+def _host(tree):
+    """The tree whole on every process: gathered across hosts when sharded over several (one process already
+    addresses all of its devices)."""
+    if jax.process_count() > 1:
+        return jax.tree.map(jnp.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return tree
+
+
+def _finish(config, setup: Setup, frozen: dict, state: TrainState, out: Path, log) -> None:
+    """Exports (process 0 writes) and the sample (every process computes it: the model is sharded over them)."""
+    is_main = jax.process_index() == 0
     adapters = {k: v for k, v in state.trainable.items() if k in ("lora", "tokens")}
     if config.export.peft:
-        export_peft(out / "adapter", setup.model, adapters, setup.model_path, tokenizer=setup.tokenizer,
-                    added_ids=setup.added_ids, overwrite=True)
-        log(f"PEFT adapter: {out / 'adapter'}")
+        host_adapters = _host(adapters)
+        if is_main:
+            export_peft(out / "adapter", setup.model, host_adapters, setup.model_path, tokenizer=setup.tokenizer,
+                        added_ids=setup.added_ids, overwrite=True)
+            log(f"PEFT adapter: {out / 'adapter'}")
     if config.export.merged:
-        params = trainable_lib.merge(setup.frozen, {k: v for k, v in state.trainable.items() if k == "params"})
-        export_merged(out / "merged", setup.model, params["params"], adapters, tokenizer=setup.tokenizer,
-                      dtype=config.export.merged_dtype or config.model.dtype, overwrite=True)
-        log(f"merged checkpoint: {out / 'merged'}")
+        params = trainable_lib.merge(frozen, {k: v for k, v in state.trainable.items() if k == "params"})["params"]
+        host_params, host_adapters = _host(params), _host(adapters)
+        if is_main:
+            export_merged(out / "merged", setup.model, host_params, host_adapters, tokenizer=setup.tokenizer,
+                          dtype=config.export.merged_dtype or config.model.dtype, overwrite=True)
+            log(f"merged checkpoint: {out / 'merged'}")
     if config.sample.prompt and config.sample.max_new_tokens > 0:
+        variables = trainable_lib.merge(frozen, state.trainable)
         text = sample(setup, variables, config.sample.prompt, config.sample.max_new_tokens, config.sample.stop)
         log(f"sample: {config.sample.prompt!r} -> {text!r}")
 

@@ -69,11 +69,12 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def init_adapters(model: Llama, params: dict, rng: jax.Array) -> dict:
+def init_adapters(model: Llama, params: dict, rng: jax.Array, shardings=None) -> dict:
     """Fresh `lora` and `tokens` collections for `model` over the loaded `params`.
 
     The variables' own init functions run (one forward on a single token with those collections mutable), so token
-    rows start as copies of the loaded rows and LoRA as PEFT initialises it.
+    rows start as copies of the loaded rows and LoRA as PEFT initialises it. `shardings` (a tree like the result)
+    places them on a mesh.
     """
 
     def init(params, rng):
@@ -82,4 +83,4 @@ def init_adapters(model: Llama, params: dict, rng: jax.Array) -> dict:
         )
         return adapters
 
-    return nn.unbox(dict(jax.jit(init)(params, rng)))
+    return nn.unbox(dict(jax.jit(init, out_shardings=shardings)(params, rng)))

@@ -12,7 +12,6 @@ import dataclasses
 from typing import Optional, Sequence, Union
 
 import jax.numpy as jnp
-import numpy as np
 
 from jaxtok.errors import JaxtokError
 from jaxtok.llama_config import LlamaConfig
@@ -69,14 +68,13 @@ def add_tokens(
 
 
 def _grow(rows_VD, new_ids, new_vocab: int, description_ids) -> jnp.ndarray:
-    rows = np.asarray(rows_VD)
-    old_vocab = rows.shape[0]
-    mean_D = rows.astype(np.float32).mean(axis=0)
-    grown = np.concatenate([rows, np.zeros((new_vocab - old_vocab, rows.shape[1]), rows.dtype)], axis=0)
-    for k, token_id in enumerate(new_ids):
-        init = mean_D if description_ids is None else rows[description_ids[k]].astype(np.float32).mean(axis=0)
-        grown[token_id] = init.astype(rows.dtype)
-    return jnp.asarray(grown)
+    # jnp, not numpy: the rows may be sharded over devices and hosts, and jit keeps them so.
+    old_vocab, D = rows_VD.shape
+    mean_D = jnp.mean(rows_VD.astype(jnp.float32), axis=0)
+    inits = [mean_D if description_ids is None else jnp.mean(rows_VD[jnp.asarray(ids)].astype(jnp.float32), axis=0)
+             for ids in (description_ids or [None] * len(new_ids))]
+    grown = jnp.concatenate([rows_VD, jnp.zeros((new_vocab - old_vocab, D), rows_VD.dtype)], axis=0)
+    return grown.at[jnp.asarray(new_ids)].set(jnp.stack(inits).astype(rows_VD.dtype))
 
 
 def resolve_tokens(tokenizer, items: Sequence[Union[str, int]], vocab_size: int) -> tuple[int, ...]:
