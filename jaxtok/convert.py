@@ -11,6 +11,7 @@ names the tensor and file when not. Export (later) runs the same table backwards
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ import numpy as np
 from jaxtok.errors import JaxtokError
 from jaxtok.hf_io import iter_tensors, read_json, resolve_model_dir, weight_files
 from jaxtok.llama_config import LlamaConfig
-from jaxtok.model import Llama, abstract_params
+from jaxtok.model import Llama, abstract_params, logical_axes_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +123,13 @@ def _list(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_hf_params(model_dir: Path, model: Llama, allow_pickle: bool = False) -> dict:
-    """Reads the checkpoint's weights into the `params` tree of `model`, cast to `model.param_dtype`."""
+def load_hf_params(model_dir: Path, model: Llama, allow_pickle: bool = False, shardings=None) -> dict:
+    """Reads the checkpoint's weights into the `params` tree of `model`, cast to `model.param_dtype`.
+
+    Tensors stream one at a time from the files straight into their device arrays (placed by `shardings`, a tree
+    like the params, default: the default device): the host holds one tensor, each device only its shards and one
+    layer in flight, never the whole model.
+    """
     config = model.config
     shapes = jax.tree.map(lambda a: a.shape, nn.unbox(abstract_params(model)))
     dtype = np.dtype(model.param_dtype)
@@ -147,10 +153,14 @@ def load_hf_params(model_dir: Path, model: Llama, allow_pickle: bool = False) ->
                 f"tensor {name} in {path.name} has shape {list(array.shape)}, but config.json implies "
                 f"{list(transform.hf_shape(shape))}"
             )
-        if rule.ours not in buffers:
-            buffers[rule.ours] = np.empty(full_shape, dtype)
-        target = buffers[rule.ours] if layer is None else buffers[rule.ours][layer]
-        target[...] = transform.to_ours(array, shape).astype(dtype)
+        value = transform.to_ours(array, shape).astype(dtype)
+        sharding = _get(shardings, rule.ours) if shardings is not None else _default_sharding()
+        if layer is None:
+            buffers[rule.ours] = jax.device_put(value, sharding)
+        else:
+            if rule.ours not in buffers:
+                buffers[rule.ours] = _zeros(full_shape, dtype, sharding)
+            buffers[rule.ours] = _write_layer(sharding)(buffers[rule.ours], layer, value)
         seen.add(name)
     if unexpected:
         raise JaxtokError(f"checkpoint has tensors that a Llama of this config.json does not: {_list(unexpected)}")
@@ -159,8 +169,23 @@ def load_hf_params(model_dir: Path, model: Llama, allow_pickle: bool = False) ->
         raise JaxtokError(f"checkpoint lacks tensors: {_list(missing)}")
     params = {}
     for path, array in buffers.items():
-        _set(params, path, jnp.asarray(array))
+        _set(params, path, array)
     return params
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _zeros(shape, dtype, sharding) -> jax.Array:
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.lru_cache(maxsize=None)
+def _write_layer(sharding):
+    """Writes one layer into a stacked array in place (donated), keeping the stacked array's sharding."""
+    return jax.jit(lambda stacked, i, value: jax.lax.dynamic_update_index_in_dim(stacked, value, i, 0),
+                   donate_argnums=0, out_shardings=sharding)
 
 
 def _path_exists(tree: dict, path: tuple[str, ...]) -> bool:
@@ -176,9 +201,10 @@ def load_config(model_dir: Path) -> LlamaConfig:
 
 
 def load_pretrained(
-    path_or_id: str, dtype: str = "float32", compute_dtype: str | None = None, allow_pickle: bool = False, **model_kw
+    path_or_id: str, dtype: str = "float32", compute_dtype: str | None = None, allow_pickle: bool = False,
+    mesh=None, **model_kw
 ) -> tuple[Llama, dict]:
-    """Loads an HF Llama checkpoint: returns the module and its frozen `params` tree.
+    """Loads an HF Llama checkpoint: returns the module and its frozen `params` tree (sharded over `mesh` if given).
 
     `dtype` is the dtype of the frozen weights; `compute_dtype` (default: the same) the dtype of activations.
     """
@@ -187,7 +213,12 @@ def load_pretrained(
     param_dtype = jnp.dtype(np_dtype(dtype))
     compute = jnp.dtype(np_dtype(compute_dtype or dtype))
     model = Llama(config, dtype=compute, param_dtype=param_dtype, **model_kw)
-    return model, load_hf_params(model_dir, model, allow_pickle)
+    shardings = None
+    if mesh is not None:
+        from jaxtok.sharding import tree_shardings
+
+        shardings = tree_shardings(nn.unbox(abstract_params(model)), logical_axes_of(model)["params"], mesh)
+    return model, load_hf_params(model_dir, model, allow_pickle, shardings)
 
 
 def to_hf_tensors(params: dict, config: LlamaConfig, dtype=None) -> dict[str, np.ndarray]:
