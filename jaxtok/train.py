@@ -30,6 +30,7 @@ from jaxtok import data as data_lib
 from jaxtok import trainable as trainable_lib
 from jaxtok.checkpoint import Checkpoints
 from jaxtok.convert import load_pretrained
+from jaxtok.demo import resolve_model_path
 from jaxtok.errors import JaxtokError
 from jaxtok.evaluate import evaluate_sequences
 from jaxtok.export import export_merged, export_peft
@@ -105,14 +106,6 @@ class Setup:
     mesh: Mesh
 
 
-def resolve_model_path(path: str) -> str:
-    from jaxtok import demo
-
-    if path == demo.DEMO_BASE:
-        return str(demo.ensure_demo_base())
-    return path
-
-
 def build(config) -> Setup:
     """Everything before the first step; on a mesh, every array is created in its shards."""
     check_config(config)
@@ -121,7 +114,7 @@ def build(config) -> Setup:
     if config.train.batch_size % batch_shards:
         raise JaxtokError(f"train.batch_size {config.train.batch_size} does not split over the mesh's "
                           f"data x fsdp = {batch_shards} devices; use a multiple of {batch_shards}")
-    model_path = resolve_model_path(config.model.path)
+    model_path = resolve_model_path(config.model.path)  # the demo base is built on first use
     base, params = load_pretrained(
         model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
         allow_pickle=config.model.allow_pickle, remat=config.model.remat,
@@ -263,9 +256,13 @@ class _Loop:
             self.log(f"step {step}: eval_loss {result['eval_loss']:.4f} over {result['tokens']} tokens")
             self.final["eval_loss"] = result["eval_loss"]
 
-    def flush(self, elapsed: float, bar) -> None:
-        """Reads the pending step metrics from the device, stops on a non-finite loss, logs them."""
+    def flush(self, since: float, bar) -> None:
+        """Reads the pending step metrics from the device, stops on a non-finite loss, logs them.
+
+        Steps run asynchronously: reading the metrics waits for them, so throughput is measured after the read.
+        """
         records = [{"step": s, **{k: float(v) for k, v in jax.device_get(m).items()}} for s, m in self.pending]
+        elapsed = time.perf_counter() - since
         self.pending = []
         for r in records:
             # a finite loss with a non-finite gradient still leaves non-finite parameters behind
@@ -305,7 +302,7 @@ class _Loop:
             self.pending.append((done, metrics))
             last = done == t.steps
             if due(done, t.log_every) or last or due(done, t.save_every) or due(done, t.eval_every):
-                self.flush(time.perf_counter() - tick, bar)
+                self.flush(tick, bar)
                 tick = time.perf_counter()
             if due(done, t.eval_every) and not last:
                 self.evaluate(done)

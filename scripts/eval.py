@@ -25,6 +25,7 @@ def main() -> None:
     from jaxtok.errors import JaxtokError
     from jaxtok.evaluate import evaluate, read_text_rows, tokenize_texts
     from jaxtok.convert import load_pretrained
+    from jaxtok.demo import resolve_model_path
     from jaxtok.tokenizer import load_tokenizer
 
     if args.seq_len < 2:
@@ -32,8 +33,9 @@ def main() -> None:
     if args.batch_size < 1:
         raise JaxtokError(f"--batch-size must be positive (got {args.batch_size})")
     texts = read_text_rows(args.data)
-    model, params = load_pretrained(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    rows = tokenize_texts(load_tokenizer(args.model), texts, args.seq_len)
+    model_path = resolve_model_path(args.model)
+    model, params = load_pretrained(model_path, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    rows = tokenize_texts(load_tokenizer(model_path), texts, args.seq_len)
     result = evaluate(model, {"params": params}, rows, args.seq_len, args.batch_size)
     print(json.dumps(result))
 
