@@ -1,6 +1,7 @@
 """Writing a directory so that it is either complete or absent: build it beside the target, then rename it in place.
 
-An interrupted write leaves only a hidden `.NAME.partial-*` directory, never a target that looks complete.
+A failed write removes what it built; only a process killed outright can leave a hidden `.NAME.partial-*`
+directory behind, never a target that looks complete.
 """
 
 from __future__ import annotations
@@ -16,23 +17,26 @@ from jaxtok.errors import JaxtokError
 
 
 def check_target(target: Path, overwrite: bool) -> None:
+    """Refuses a path that is a file, or a non-empty directory unless `overwrite`."""
     if target.exists() and not target.is_dir():
         raise JaxtokError(f"{target} exists and is a file; choose a directory path")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise JaxtokError(f"{target} exists and is not empty; choose another path or pass --overwrite")
+        raise JaxtokError(f"{target} exists and is not empty; choose another path or pass overwrite=True (--overwrite)")
 
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh directory to fill; on success it replaces `target` in one rename."""
+    """Yields a fresh directory to fill; when the block succeeds it replaces `target` by rename."""
     target = Path(target)
     check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
+        partial.chmod(0o755)  # mkdtemp makes it private (0700); a checkpoint is meant to be read by others
         yield partial
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            # Two renames: the old directory is out of the way before the new one takes its name.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old)
             os.rename(partial, target)
             shutil.rmtree(old)

@@ -178,7 +178,13 @@ def _default_sharding():
 
 
 def _zeros(shape, dtype, sharding) -> jax.Array:
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    return _zeros_fn(tuple(shape), np.dtype(dtype), sharding)()
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+    # cached: a fresh lambda per call would compile again for every stacked tensor
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxtok.atomic import atomic_directory
+from jaxtok.atomic import atomic_directory, check_target
 from jaxtok.convert import np_dtype, to_hf_tensors
+from jaxtok.errors import JaxtokError
 from jaxtok.llama_config import LlamaConfig
 from jaxtok.merge import merge_adapters
 from jaxtok.model import Llama
-from jaxtok.peft_format import to_peft
+from jaxtok.peft_format import adapter_config, check_shapes, to_peft
 
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -82,58 +85,61 @@ def write_safetensors(directory: Path, tensors: dict[str, np.ndarray], max_shard
 
 def export_merged(out_dir, model: Llama, params: dict, adapters: dict, tokenizer=None, dtype: str = "float32",
                   max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
-    """A Hugging Face checkpoint of the base with `adapters` merged in, in `dtype`."""
-    merged = merge_adapters(model, params, adapters)
-    tensors = to_hf_tensors(merged, model.config, np_dtype(dtype))
+    """A Hugging Face checkpoint of the base with `adapters` merged in, in `dtype` (float32, bfloat16 or float16),
+    that `AutoModelForCausalLM.from_pretrained` loads. `model.config` gives the (possibly grown) vocabulary and the
+    tying; `tokenizer`, when given, is saved beside the weights and gives the BOS and EOS ids."""
+    np_type = np_dtype(dtype)
+    check_target(Path(out_dir), overwrite)  # before the merge, which can take a while on a large model
+    merged = merge_adapters(model, params, adapters, dtype=jnp.dtype(np_type))
+    tensors = to_hf_tensors(merged, model.config, np_type)
+    del merged
+    bos, eos = _special_ids(tokenizer)
     with atomic_directory(out_dir, overwrite) as tmp:
-        config = hf_config(model.config, dtype, *_special_ids(tokenizer))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {k: v for k, v in zip(("bos_token_id", "eos_token_id"), _special_ids(tokenizer)) if v is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        _write_json(tmp / "config.json", hf_config(model.config, dtype, bos, eos))
+        generation = {"bos_token_id": bos, "eos_token_id": eos}
+        _write_json(tmp / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
         write_safetensors(tmp, tensors, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(out_dir)
 
 
-def peft_config(model: Llama, base_model: str, vocab_grew: bool) -> dict:
-    lora, rows = model.lora, model.token_rows
-    if rows.head_ids:
-        token_indices = {"embed_tokens": list(rows.embed_ids), "lm_head": list(rows.head_ids)}
-    else:
-        token_indices = list(rows.embed_ids) or None
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": lora.rank if lora else 8,
-        "lora_alpha": lora.alpha if lora else 8,
-        "lora_dropout": lora.dropout if lora else 0.0,
-        "use_rslora": lora.rslora if lora else False,
-        "target_modules": sorted(lora.targets) if lora else [],
-        "trainable_token_indices": token_indices,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_dora": False,
-        "revision": None,
-    }
+def export_peft(out_dir, model: Llama, adapters: dict, base_model: str, tokenizer=None,
+                added_ids: Sequence[int] = (), overwrite: bool = False) -> Path:
+    """A PEFT adapter directory: adapter_config.json, adapter_model.safetensors, README.md, and the tokenizer.
 
-
-def export_peft(out_dir, model: Llama, adapters: dict, base_model: str, tokenizer=None, vocab_grew: bool = False,
-                overwrite: bool = False) -> Path:
-    """A PEFT adapter directory: adapter_config.json, adapter_model.safetensors, README.md, maybe the tokenizer."""
+    `base_model` is what `base_model_name_or_path` records (a Hub id or path of the base checkpoint). `added_ids` are
+    the ids of tokens added to the base's vocabulary (`jaxtok.vocab.add_tokens`); then `tokenizer` must be given,
+    and the adapter must hold the rows of those tokens, since PEFT users resize the base, which fills new rows with
+    random values. PEFT's `save_embedding_layers` is never used: the adapter stays small.
+    """
+    rows = model.token_rows
+    missing = [i for i in added_ids if i not in rows.embed_ids]
+    if missing:
+        raise JaxtokError(f"added tokens {missing} have no trained embedding rows, so PEFT would give them random "
+                          "rows; train the rows of added tokens (jaxtok.vocab.plan_rows)")
+    missing = [i for i in added_ids if not model.config.tie_word_embeddings and i not in rows.head_ids]
+    if missing:
+        raise JaxtokError(f"added tokens {missing} have no trained head rows, so PEFT would give them random rows; "
+                          "train them (tokens.train_head: added) or export a merged checkpoint instead")
+    if added_ids and tokenizer is None:
+        raise JaxtokError("tokens were added, so the adapter needs its tokenizer; pass tokenizer=")
+    config = adapter_config(model, base_model)  # refuses a model without LoRA
+    adapters = jax.device_get(adapters)
+    check_shapes(adapters, model)
     tensors = to_peft(adapters)
     with atomic_directory(out_dir, overwrite) as tmp:
-        config = peft_config(model, base_model, vocab_grew)
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_json(tmp / "adapter_config.json", config)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=SAFETENSORS_METADATA)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(_model_card(base_model, vocab_grew, model))
+        (tmp / "README.md").write_text(_model_card(base_model, model, bool(added_ids)))
     return Path(out_dir)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    # sorted keys and indent 2, as transformers and PEFT write their JSON files
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _special_ids(tokenizer) -> tuple[Optional[int], Optional[int]]:
@@ -142,19 +148,35 @@ def _special_ids(tokenizer) -> tuple[Optional[int], Optional[int]]:
     return tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
-def _model_card(base_model: str, vocab_grew: bool, model: Llama) -> str:
-    resize = (
-        "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)\n"
-        "base.resize_token_embeddings(len(tokenizer))  # the adapter adds tokens; their rows come from it\n"
-        if vocab_grew else "tokenizer = AutoTokenizer.from_pretrained(BASE)\n"
-    )
-    return (
-        f"# LoRA adapter trained with jaxtok\n\n"
-        f"Base model: `{base_model}`. LoRA rank {model.lora.rank if model.lora else '-'}, "
-        f"trainable token rows: {list(model.token_rows.embed_ids)}.\n\n"
-        "Load it with PEFT:\n\n```python\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n\n"
-        f"BASE, ADAPTER_DIR = {base_model!r}, 'path/to/this/directory'\n"
-        "base = AutoModelForCausalLM.from_pretrained(BASE)\n" + resize +
-        "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n"
-    )
+def _model_card(base_model: str, model: Llama, tokens_added: bool) -> str:
+    lora, rows = model.lora, model.token_rows
+    lines = [
+        "---",
+        f"base_model: {json.dumps(base_model)}",  # a JSON string is a YAML string, whatever characters it holds
+        "library_name: peft",
+        "tags: [lora, jaxtok]",
+        "---",
+        "",
+        "# LoRA adapter trained with jaxtok",
+        "",
+        f"Base model: `{base_model}`. LoRA rank {lora.rank}, alpha {lora.alpha:g}"
+        f"{' (rsLoRA)' if lora.rslora else ''}, on {', '.join(lora.targets)}.",
+    ]
+    if rows.embed_ids:
+        lines.append(f"Trained embedding rows (PEFT `trainable_token_indices`): {list(rows.embed_ids)}.")
+    if rows.head_ids:
+        lines.append(f"Trained rows of the (untied) output head: {list(rows.head_ids)}.")
+    lines += ["", "Load it with PEFT:", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+              "model = AutoPeftModelForCausalLM.from_pretrained('path/to/this/directory')", "```", "",
+              "or step by step:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "from peft import PeftModel", "", f"BASE, ADAPTER = {base_model!r}, 'path/to/this/directory'",
+              "base = AutoModelForCausalLM.from_pretrained(BASE)"]
+    if tokens_added:
+        lines += ["tokenizer = AutoTokenizer.from_pretrained(ADAPTER)  # holds the added tokens",
+                  f"# the adapter adds tokens: grow the base to {model.config.vocab_size} rows; the rows of the added",
+                  "# tokens come from the adapter, whatever values the resize gives them",
+                  f"base.resize_token_embeddings({model.config.vocab_size})"]
+    else:
+        lines.append("tokenizer = AutoTokenizer.from_pretrained(BASE)")
+    lines += ["model = PeftModel.from_pretrained(base, ADAPTER)", "```", ""]
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.allow_pickle = False  # read pytorch_model.bin (pickle can run code); safetensors need no opt-in
     c.model.remat = False  # recompute activations in the backward pass: less memory, ~30% more compute
     c.model.attention = ""  # attention kernel: "" (JAX chooses), "xla" or "cudnn"
+    c.model.adapter = ""  # a PEFT adapter (directory or Hub id) to continue training; it sets lora.* and tokens
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # .jsonl/.json/.parquet/.csv file, local dataset directory, or dataset name
@@ -84,5 +85,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.merged = True  # write output_dir/merged, the base with the adapter merged in
     c.export.merged_dtype = ""  # dtype of the merged weights; "": as model.dtype
 
-    c.output_dir = ""  # checkpoints, metrics.jsonl, tensorboard/, adapter/, merged/
+    c.output_dir = ""  # run_config.json, tokenizer/, checkpoints/, metrics.jsonl, tensorboard/, adapter/, merged/
     return c
+
+
+def load_run_config(path) -> ml_collections.ConfigDict:
+    """The config a run saved (`output_dir/run_config.json`), over today's defaults, with JSON lists as tuples."""
+    import json
+
+    saved = json.loads(open(path).read())
+    config = default_config()
+
+    def fill(node, values, prefix):
+        for key, value in values.items():
+            if key not in node:
+                continue  # a key a later version removed
+            if isinstance(value, dict):
+                fill(node[key], value, f"{prefix}{key}.")
+            else:
+                node[key] = tuple(value) if isinstance(value, list) else value
+
+    fill(config, saved, "")
+    return config

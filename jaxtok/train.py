@@ -41,6 +41,7 @@ from jaxtok.model import Llama, abstract_variables, logical_axes_of
 from jaxtok.optimizer import OptimConfig, make_optimizer, schedule
 from jaxtok.sharding import RULES, batch_sharding, global_array, initialize_distributed, make_mesh, tree_shardings
 from jaxtok.step import TrainState, init_state, make_train_step, state_shardings
+from jaxtok.peft_import import apply_adapter
 from jaxtok.tokenizer import load_tokenizer
 from jaxtok.vocab import add_tokens, plan_rows, resolve_tokens
 
@@ -67,6 +68,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = config.optim[key]
         if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
             raise JaxtokError(f"optim.{key} must be a finite number >= 0 (got {value!r})")
+    if config.train.full_embeddings and config.export.peft:
+        raise JaxtokError("train.full_embeddings trains whole matrices, which a PEFT LoRA adapter does not hold; "
+                          "set export.peft=False (the merged export includes them)")
     if not config.output_dir:
         raise JaxtokError("output_dir is empty; set --config.output_dir=DIR")
     out = Path(config.output_dir)
@@ -90,7 +94,7 @@ def optim_config(config) -> OptimConfig:
 
 @dataclasses.dataclass
 class Setup:
-    """Everything a run builds before its first step."""
+    """Everything a run builds before its first step (the data fields stay None for export and evaluation)."""
 
     model: Llama
     frozen: dict
@@ -98,22 +102,16 @@ class Setup:
     tokenizer: Any
     model_path: str
     added_ids: tuple[int, ...]
-    chat_template: Optional[str]
-    fmt: str
-    train_data: data_lib.Batches
-    eval_sequences: Optional[dict]
     base_vocab: int
     mesh: Mesh
+    chat_template: Optional[str] = None
+    fmt: str = "text"
+    train_data: Optional[data_lib.Batches] = None
+    eval_sequences: Optional[dict] = None
 
 
-def build(config) -> Setup:
-    """Everything before the first step; on a mesh, every array is created in its shards."""
-    check_config(config)
-    mesh = make_mesh(config.mesh.shape)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % batch_shards:
-        raise JaxtokError(f"train.batch_size {config.train.batch_size} does not split over the mesh's "
-                          f"data x fsdp = {batch_shards} devices; use a multiple of {batch_shards}")
+def build_model(config, mesh: Mesh) -> Setup:
+    """The base (in its shards), the tokenizer with any new tokens, and fresh or imported adapters."""
     model_path = resolve_model_path(config.model.path)  # the demo base is built on first use
     base, params = load_pretrained(
         model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
@@ -121,6 +119,8 @@ def build(config) -> Setup:
         attention_impl=config.model.attention or None, mesh=mesh,
     )
     base_vocab = base.config.vocab_size
+    if config.model.adapter:
+        return _import_adapter(config, base, params, model_path, mesh)
     tokenizer = load_tokenizer(model_path)
     descriptions = tuple(config.tokens.descriptions) or None
     params, llama_config, added = add_tokens(tokenizer, params, base.config, tuple(config.tokens.add), descriptions)
@@ -132,29 +132,69 @@ def build(config) -> Setup:
         raise JaxtokError("added tokens need trained head rows for a PEFT adapter (PEFT would give them random rows); "
                           "set tokens.train_head=added or export.peft=False")
     model = base.clone(config=llama_config, lora=lora_config(config), token_rows=rows)
-    logical = logical_axes_of(model)
-    params = jax.device_put(params, tree_shardings(params, logical["params"], mesh))  # the vocabulary may have grown
+    params = _place_params(model, params, mesh)  # the vocabulary may have grown
+    adapters = trainable_lib.init_adapters(model, params, jax.random.key(config.train.seed),
+                                           _adapter_shardings(model, mesh))
+    return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, base_vocab, mesh)
 
+
+def _place_params(model: Llama, params: dict, mesh: Mesh) -> dict:
+    return jax.device_put(params, tree_shardings(params, logical_axes_of(model)["params"], mesh))
+
+
+def _adapter_shardings(model: Llama, mesh: Mesh):
+    logical = {k: v for k, v in logical_axes_of(model).items() if k != "params"}
+    shapes = {k: v for k, v in nn.unbox(abstract_variables(model)).items() if k != "params"}
+    return tree_shardings(shapes, logical, mesh)
+
+
+def _import_adapter(config, base: Llama, params: dict, model_path: str, mesh: Mesh) -> Setup:
+    """Continues from a PEFT adapter: its LoRA config and token rows replace the run config's lora and tokens."""
+    if config.tokens.add or config.tokens.train:
+        raise JaxtokError("model.adapter brings its own token rows; leave tokens.add and tokens.train empty")
+    base_vocab = base.config.vocab_size
+    model, params, adapters, tokenizer = apply_adapter(config.model.adapter, base, params, load_tokenizer(model_path))
+    added = tuple(i for i in model.token_rows.embed_ids if i >= base_vocab)
+    params = _place_params(model, params, mesh)
+    adapters = jax.device_put(adapters, _adapter_shardings(model, mesh))
+    return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, base_vocab, mesh)
+
+
+def build(config) -> Setup:
+    """Everything before the first step; on a mesh, every array is created in its shards."""
+    check_config(config)
+    mesh = make_mesh(config.mesh.shape)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % batch_shards:
+        raise JaxtokError(f"train.batch_size {config.train.batch_size} does not split over the mesh's "
+                          f"data x fsdp = {batch_shards} devices; use a multiple of {batch_shards}")
+    setup = build_model(config, mesh)
     chat_template = config.data.chat_template or None
     t = config.train
     train_seqs, info = data_lib.prepare(
-        config.data.train, tokenizer, config.data.format, t.seq_len, config.data.packing, chat_template,
+        config.data.train, setup.tokenizer, config.data.format, t.seq_len, config.data.packing, chat_template,
         split=config.data.train_split,
     )
     eval_seqs = None
     if config.data.eval:
-        eval_seqs, _ = data_lib.prepare(
-            config.data.eval, tokenizer, info["format"], t.seq_len, False, chat_template, split=config.data.eval_split,
-        )
+        eval_seqs, _ = data_lib.prepare(config.data.eval, setup.tokenizer, info["format"], t.seq_len, False,
+                                        chat_template, split=config.data.eval_split)
     # Every process computes the whole batch of a step (a cheap function of seed and step) and copies to its
     # devices only the rows they hold (`sharding.global_array`), whatever the mesh's layout over hosts.
     batches = data_lib.Batches(train_seqs, t.batch_size, t.grad_accum, t.seed)
-    adapter_logical = {k: v for k, v in logical.items() if k != "params"}
-    adapter_shapes = {k: v for k, v in nn.unbox(abstract_variables(model)).items() if k != "params"}
-    adapters = trainable_lib.init_adapters(model, params, jax.random.key(t.seed),
-                                           tree_shardings(adapter_shapes, adapter_logical, mesh))
-    return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, chat_template, info["format"],
-                 batches, eval_seqs, base_vocab, mesh)
+    return dataclasses.replace(setup, chat_template=chat_template, fmt=info["format"], train_data=batches,
+                               eval_sequences=eval_seqs)
+
+
+def initial_state(config, setup: Setup):
+    """(state placed on the mesh, frozen tree, optimizer, state shardings) for a fresh run of `config`."""
+    full = config.train.full_embeddings
+    trainable, frozen = trainable_lib.split(trainable_lib.merge(setup.frozen, setup.adapters), full)
+    optimizer = make_optimizer(optim_config(config), trainable_lib.labels(trainable, full))
+    trainable_sh = jax.tree.map(lambda x: x.sharding, trainable)
+    state_sh = state_shardings(optimizer, trainable, trainable_sh, setup.mesh)
+    state = jax.jit(lambda t: init_state(t, optimizer, config.train.seed), out_shardings=state_sh)(trainable)
+    return state, frozen, optimizer, state_sh
 
 
 def _count(tree) -> int:
@@ -173,7 +213,7 @@ def summary(setup: Setup, config) -> str:
         f"devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es))",
         f"model: {setup.model_path} (vocab {setup.base_vocab} -> {setup.model.config.vocab_size}, "
         f"{'tied' if setup.model.config.tie_word_embeddings else 'untied'} head, weights {config.model.dtype})",
-        f"parameters: {total:,} frozen, {lora:,} LoRA (rank {config.lora.rank}, "
+        f"parameters: {total:,} frozen, {lora:,} LoRA (rank {setup.model.lora.rank}, "
         f"{', '.join(setup.model.lora.targets)}), {rows:,} in token rows; "
         f"trainable {100 * (lora + rows) / (total + lora + rows):.3f}%",
         f"token rows (embedding): {describe(model_rows.embed_ids)}",
@@ -194,16 +234,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
     log = tqdm.write if is_main else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     log(summary(setup, config))
 
-    full = config.train.full_embeddings
-    trainable, frozen = trainable_lib.split(trainable_lib.merge(setup.frozen, setup.adapters), full)
+    if is_main:
+        (out / "run_config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        setup.tokenizer.save_pretrained(str(out / "tokenizer"))
+    state, frozen, optimizer, state_sh = initial_state(config, setup)
     optim = optim_config(config)
-    optimizer = make_optimizer(optim, trainable_lib.labels(trainable, full))
-    mesh = setup.mesh
-    shardings = jax.tree.map(lambda x: x.sharding, (trainable, frozen))
-    state_sh = state_shardings(optimizer, trainable, shardings[0], mesh)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step_fn = make_train_step(setup.model, optimizer, schedule(optim, optim.lr),
-                              shardings=(state_sh, shardings[1], batch_sharding(mesh)))
-    state = jax.jit(lambda t: init_state(t, optimizer, config.train.seed), out_shardings=state_sh)(trainable)
+                              shardings=(state_sh, frozen_sh, batch_sharding(setup.mesh)))
 
     checkpoints = Checkpoints(out / "checkpoints", config.train.keep_checkpoints)
     record = {"token_rows": [list(setup.model.token_rows.embed_ids), list(setup.model.token_rows.head_ids)],
@@ -360,3 +398,26 @@ def sample(setup: Setup, variables: dict, prompt: str, max_new_tokens: int, stop
     out = generate(setup.model, variables, [list(ids)], max_new_tokens, eos_id=stop_id,
                    pad_id=tokenizer.pad_token_id or 0)[0]
     return tokenizer.decode(out, skip_special_tokens=False)
+
+
+def load_run(run_dir: str | Path, step: Optional[int] = None) -> tuple[Any, Setup, dict, TrainState]:
+    """(config, setup, frozen, state) of a run's checkpoint at `step` (default: the latest), for export."""
+    from jaxtok.run_config import load_run_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run_config.json").is_file():
+        raise JaxtokError(f"{run_dir} is not a jaxtok run directory (no run_config.json); pass a run's output_dir")
+    config = load_run_config(run_dir / "run_config.json")
+    checkpoints = Checkpoints(run_dir / "checkpoints")
+    try:
+        steps = checkpoints.manager.all_steps()
+        if not steps:
+            raise JaxtokError(f"{run_dir} has no checkpoints yet")
+        if step is not None and step not in steps:
+            raise JaxtokError(f"{run_dir} has no checkpoint at step {step}; it has {sorted(steps)}")
+        setup = build_model(config, make_mesh(config.mesh.shape if jax.process_count() > 1 else (1, -1, 1)))
+        like, frozen, _, _ = initial_state(config, setup)
+        state, _ = checkpoints.restore(like, step)
+    finally:
+        checkpoints.close()
+    return config, setup, frozen, state

@@ -1,6 +1,7 @@
 """Evaluation loss of a Llama checkpoint on a JSON-lines file of {"text": ...} rows.
 
     python scripts/eval.py --model DIR_OR_HUB_ID --data FILE.jsonl --seq-len 512 [--dtype float32|bfloat16]
+                           [--adapter PEFT_ADAPTER_DIR]
 
 The last line printed is one JSON object: {"eval_loss": mean next-token cross-entropy over all predicted tokens,
 "tokens": how many tokens were predicted}.
@@ -19,6 +20,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, required=True, help="rows are cut to this many tokens")
     parser.add_argument("--dtype", default="float32", help="dtype of weights and compute: float32 or bfloat16")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--adapter", default=None, help="a PEFT adapter directory (from jaxtok or PyTorch) to apply")
     parser.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (can run code)")
     args = parser.parse_args()
 
@@ -26,6 +28,7 @@ def main() -> None:
     from jaxtok.evaluate import evaluate, read_text_rows, tokenize_texts
     from jaxtok.convert import load_pretrained
     from jaxtok.demo import resolve_model_path
+    from jaxtok.peft_import import apply_adapter
     from jaxtok.tokenizer import load_tokenizer
 
     if args.seq_len < 2:
@@ -35,8 +38,11 @@ def main() -> None:
     texts = read_text_rows(args.data)
     model_path = resolve_model_path(args.model)
     model, params = load_pretrained(model_path, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    rows = tokenize_texts(load_tokenizer(model_path), texts, args.seq_len)
-    result = evaluate(model, {"params": params}, rows, args.seq_len, args.batch_size)
+    tokenizer, adapters = load_tokenizer(model_path), {}
+    if args.adapter:
+        model, params, adapters, tokenizer = apply_adapter(args.adapter, model, params, tokenizer)
+    rows = tokenize_texts(tokenizer, texts, args.seq_len)
+    result = evaluate(model, {"params": params, **adapters}, rows, args.seq_len, args.batch_size)
     print(json.dumps(result))
 
 

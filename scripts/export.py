@@ -1,0 +1,43 @@
+"""Export a training checkpoint as a PEFT adapter or as a merged Hugging Face checkpoint.
+
+    python scripts/export.py --run OUTPUT_DIR [--step N] --format peft|merged --out DIR [--dtype ...] [--overwrite]
+
+The run's own config (OUTPUT_DIR/run_config.json) rebuilds the model and tokenizer; the checkpoint supplies LoRA and
+token rows. The target is written to a temporary directory and renamed into place.
+"""
+
+import argparse
+from pathlib import Path
+
+from jaxtok.cli import run_main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a training run's output_dir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--format", required=True, choices=("peft", "merged"))
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--dtype", default=None, help="merged weights: float32 or bfloat16 (default: as trained)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args()
+
+    from jaxtok.atomic import check_target
+    from jaxtok.export import export_merged, export_peft
+    from jaxtok.train import load_run
+
+    check_target(Path(args.out), args.overwrite)  # fail before the slow part
+    config, setup, frozen, state = load_run(args.run, args.step)
+    adapters = {k: v for k, v in state.trainable.items() if k in ("lora", "tokens")}
+    if args.format == "peft":
+        export_peft(args.out, setup.model, adapters, setup.model_path, tokenizer=setup.tokenizer,
+                    added_ids=setup.added_ids, overwrite=args.overwrite)
+    else:
+        dtype = args.dtype or config.export.merged_dtype or config.model.dtype
+        export_merged(args.out, setup.model, frozen["params"], adapters, tokenizer=setup.tokenizer, dtype=dtype,
+                      overwrite=args.overwrite)
+    print(f"wrote {args.out} (step {int(state.step)})")
+
+
+if __name__ == "__main__":
+    run_main(main)
