@@ -70,10 +70,17 @@ def _adapter(output_dir: Path) -> dict:
     return load_file(str(output_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_short_run_end_to_end(files, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(files, tmp_path_factory):
+    """(output_dir, completed process) of one short run through the command line."""
+    out = tmp_path_factory.mktemp("finished") / "run"
     result = subprocess.run(_cli(files / "config.py", out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_short_run_end_to_end(finished_run):
+    out, result = finished_run
     assert "token rows (embedding): 300 '<|x|>', 1 '<|end_of_text|>'" in result.stdout + result.stderr
     records = read_metrics(out)
     evals = [r for r in records if "eval_loss" in r]
@@ -201,3 +208,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(files, tmp_path):
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and f"the checkpoint at step {saved[-1]} is kept" in last
     assert not (out / "adapter").exists()
+
+
+def test_export_and_eval_commands(files, finished_run, tmp_path):
+    run, _ = finished_run
+    script = lambda name: str(ROOT / "scripts" / name)  # noqa: E731
+    peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
+    for fmt, target in (("peft", peft_dir), ("merged", merged_dir)):
+        result = subprocess.run([sys.executable, script("export.py"), f"--run={run}", "--step=16", f"--format={fmt}",
+                                 f"--out={target}"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    # the checkpoint at the last step exports to exactly what the run exported at its end
+    expected, got = _adapter(run), load_file(str(peft_dir / "adapter_model.safetensors"))
+    assert set(expected) == set(got)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert load_file(str(merged_dir / "model.safetensors")).keys() == load_file(
+        str(run / "merged" / "model.safetensors")).keys()
+    # an existing target is refused without --overwrite, and nothing else is said
+    refused = subprocess.run([sys.executable, script("export.py"), f"--run={run}", "--format=peft",
+                              f"--out={peft_dir}"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {peft_dir} exists and is not empty")
+    # evaluating the adapter on the base equals evaluating the merged checkpoint
+    losses = []
+    for model, extra in ((files / "model", [f"--adapter={peft_dir}"]), (merged_dir, [])):
+        result = subprocess.run([sys.executable, script("eval.py"), f"--model={model}", f"--data={files / 'eval.jsonl'}",
+                                 "--seq-len=32", *extra], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert losses[0]["tokens"] == losses[1]["tokens"]
+    assert abs(losses[0]["eval_loss"] - losses[1]["eval_loss"]) <= 1e-5 * losses[1]["eval_loss"]
