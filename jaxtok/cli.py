@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -14,10 +15,21 @@ def run_main(main: Callable[[], object]) -> None:
         main()
     except JaxtokError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _exit(code: int) -> None:
+    """Exits with `code`. In a multi-process JAX job a normal exit waits at the runtime's shutdown barrier for
+    processes that may never get there (they wait in a collective for this one), so leave at once instead."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def parse_config(argv: list[str], flag_name: str = "config"):

@@ -20,44 +20,24 @@ import tiny
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
 WORKER = Path(__file__).resolve().parent / "mesh_worker.py"
-NEW_TOKEN = "<|x|>"
+NEW_TOKEN = tiny.NEW_TOKEN
 
 
 def write_files(root: Path) -> Path:
     """Checkpoint + tokenizer (root/model), training data (root/train.jsonl) and a config file (root/config.py)."""
-    root = Path(root)
-    tiny.make_checkpoint(root / "model", tied=False, vocab=320)
-    tiny.make_tokenizer(root / "model")
-    with open(root / "train.jsonl", "w") as f:
-        for i in range(64):
-            f.write(json.dumps({"text": f"{tiny.CORPUS[i % len(tiny.CORPUS)]} {NEW_TOKEN} {i % 7}"}) + "\n")
-    (root / "config.py").write_text(
-        "from jaxtok.run_config import default_config\n"
-        "def get_config():\n"
-        "    c = default_config()\n"
-        f"    c.model.path = {str(root / 'model')!r}\n"
-        "    c.model.dtype = 'float32'\n"
-        f"    c.data.train = {str(root / 'train.jsonl')!r}\n"
-        f"    c.tokens.add = ({NEW_TOKEN!r},)\n"
-        "    c.tokens.train = ('<|end_of_text|>',)\n"
-        "    c.lora.rank = 4\n"
-        "    c.optim.lr = 5e-3\n"
-        "    c.optim.token_lr = 2e-2\n"
-        "    c.train.steps = 4\n"
-        "    c.train.batch_size = 8\n"
-        "    c.train.seq_len = 32\n"
-        "    c.train.save_every = 0\n"
-        "    c.train.log_every = 1\n"
-        "    c.train.tensorboard = False\n"
-        "    c.export.merged = False\n"
-        "    return c\n"
-    )
-    return root
+    return tiny.write_run_files(
+        root, vocab=320, rows=64, **{"lora.rank": 4, "optim.lr": 5e-3, "optim.token_lr": 2e-2, "train.steps": 4,
+                                     "train.batch_size": 8, "train.seq_len": 32, "train.save_every": 0,
+                                     "train.log_every": 1, "train.tensorboard": False, "export.merged": False})
 
 
-def env(devices: int) -> dict:
-    """The environment of a CPU-only child process with `devices` host devices."""
+def env(devices: int, compilation_cache: Path | None = None) -> dict:
+    """The environment of a CPU-only child process with `devices` host devices; `compilation_cache`: a directory
+    for JAX's persistent compilation cache (a resumed run then reuses the first run's programs)."""
     e = dict(os.environ)
+    if compilation_cache is not None:
+        e["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+        e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     e["JAX_PLATFORMS"] = "cpu"
     e["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -76,8 +56,9 @@ def train_cli(config: Path, output_dir: Path, *overrides: str) -> list[str]:
 
 
 class Group:
-    """Child processes started together, each logging to its own file; `wait` fails (and kills the others) as soon
-    as one fails or the deadline passes, so a test can never hang on a peer that died."""
+    """Child processes started together, each logging to its own file; `wait` fails (and kills them all) as soon
+    as one exits non-zero, prints an error or a traceback, or the deadline passes, so a test never hangs on a peer
+    that died."""
 
     def __init__(self, log_dir: Path):
         self.log_dir = Path(log_dir)
@@ -106,7 +87,9 @@ class Group:
         try:
             while True:
                 codes = {name: proc.poll() for name, proc, _ in self.procs}
-                failed = [n for n, c in codes.items() if c not in (None, 0)]
+                # a process that reported an error counts as failed at once: in a multi-process job it may never
+                # exit by itself (its peers wait for it in a collective, it waits for them at shutdown)
+                failed = [n for n, c in codes.items() if c not in (None, 0) or self.reported_error(n)]
                 if failed:
                     raise AssertionError(f"{failed} failed:\n{self.tails()}")
                 if all(c == 0 for c in codes.values()):
@@ -116,6 +99,11 @@ class Group:
                 time.sleep(0.1)
         finally:
             self.kill()
+
+    def reported_error(self, name: str) -> bool:
+        log = next(log for n, _, log in self.procs if n == name)
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return "\nerror: " in text or text.startswith("error: ") or "Traceback (most recent call last)" in text
 
     def tails(self, chars: int = 2500) -> str:
         out = []

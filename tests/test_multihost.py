@@ -8,6 +8,8 @@ computation as 8 steps in one go, which the one-process reference runs.
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import mesh_files
@@ -31,7 +33,8 @@ def _pair(config: Path, out: Path, port: int, group: mesh_files.Group, *override
     for p in range(2):
         group.start(f"process{p}", mesh_files.train_cli(
             config, out, *COMMON, *overrides, f"--config.distributed.coordinator=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2", f"--config.distributed.process_id={p}"), mesh_files.env(2))
+            "--config.distributed.num_processes=2", f"--config.distributed.process_id={p}"),
+            mesh_files.env(2, config.parent / "jax_cache"))
 
 
 def _listing(directory: Path) -> list[str]:
@@ -54,10 +57,15 @@ def _events(out: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def files(tmp_path_factory):
+    return mesh_files.write_files(tmp_path_factory.mktemp("multihost"))
+
+
+@pytest.fixture(scope="module")
+def runs(files):
     """Phase 1: the 4-device reference (8 steps) beside the 2-process run (6 steps); phase 2: the 2-process run
-    resumed to 8 steps. Returns {name: (output dir, {process: log})} with a snapshot of phase 1 taken between."""
-    root = mesh_files.write_files(tmp_path_factory.mktemp("multihost"))
+    resumed to 8 steps. Returns output dirs, {process: log} of each phase, and a snapshot of phase 1."""
+    root = files
     config = root / "config.py"
     ref, out = root / "ref", root / "two"
 
@@ -107,8 +115,11 @@ def test_only_process_0_writes_and_writes_everything(runs):
     assert config["peft_type"] == "LORA" and config["r"] == 4
     expected = mesh_files.adapter(ref)
     assert {k: v.shape for k, v in phase1["adapter"].items()} == {k: v.shape for k, v in expected.items()}
-    # nothing half-written or left over (atomic exports build hidden `.NAME.partial-*` directories)
-    assert phase1["top"] == ["adapter", "checkpoints", "merged", "metrics.jsonl", "tensorboard"]
+    # the same files as one process writes, nothing half-written or left over (atomic exports build hidden
+    # `.NAME.partial-*` directories)
+    assert phase1["top"] == sorted(p.name for p in ref.iterdir())
+    assert {"adapter", "checkpoints", "merged", "metrics.jsonl", "tensorboard"} <= set(phase1["top"])
+    assert not [name for name in phase1["top"] if name.startswith(".")]
     assert sorted(p.name for p in runs["out"].iterdir()) == phase1["top"]
 
 
@@ -135,3 +146,29 @@ def test_merged_export_gathers_the_sharded_base(runs):
     bad = {k: tiny.rel_err(got[k], ref[k]) for k in ref if not tiny.rel_err(got[k], ref[k]) <= MERGED_TOL}
     assert not bad, bad
     assert all(np.isfinite(v).all() for v in got.values())
+
+
+def test_an_error_on_one_process_ends_it_promptly(files, tmp_path):
+    """A problem only one host sees (here its data file is missing) must end that process with the one-line error
+    and exit status 2 (within 10 s), as in a single-process run, not leave the job hanging."""
+    group = mesh_files.Group(tmp_path / "logs")
+    port = mesh_files.free_port()
+    for p in range(2):
+        bad = ["--config.data.train=/nonexistent/train.jsonl"] if p == 1 else []
+        group.start(f"process{p}", mesh_files.train_cli(
+            files / "config.py", tmp_path / "out", MESH, *bad, f"--config.distributed.coordinator=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2", f"--config.distributed.process_id={p}"), mesh_files.env(2))
+    _, process1, log1 = group.procs[1]
+    try:
+        deadline = time.monotonic() + 180
+        while not group.reported_error("process1"):
+            assert process1.poll() is None and time.monotonic() < deadline, group.tails()
+            time.sleep(0.2)
+        assert "nonexistent" in log1.read_text()
+        try:
+            code = process1.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 2, f"the process that failed had not exited 10 s after its error (exit {code})"
+    finally:
+        group.kill()

@@ -20,46 +20,17 @@ from jaxtok.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
-NEW_TOKEN = "<|x|>"
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny untied checkpoint with a tokenizer, train/eval text data using a new token, and a config file."""
-    root = tmp_path_factory.mktemp("train_cli")
-    tiny.make_checkpoint(root / "model", tied=False, vocab=300)  # the tokenizer fills it: the new token grows it
-    tiny.make_tokenizer(root / "model")
-    with open(root / "train.jsonl", "w") as f:
-        for i in range(60):
-            f.write(json.dumps({"text": f"{tiny.CORPUS[i % len(tiny.CORPUS)]} {NEW_TOKEN} {i % 7}"}) + "\n")
-    with open(root / "eval.jsonl", "w") as f:
-        for i in range(6):
-            f.write(json.dumps({"text": f"{tiny.CORPUS[i]} {NEW_TOKEN} {i % 7}"}) + "\n")
-    (root / "config.py").write_text(
-        "from jaxtok.run_config import default_config\n"
-        "def get_config():\n"
-        "    c = default_config()\n"
-        f"    c.model.path = {str(root / 'model')!r}\n"
-        "    c.model.dtype = 'float32'\n"
-        f"    c.data.train = {str(root / 'train.jsonl')!r}\n"
-        f"    c.data.eval = {str(root / 'eval.jsonl')!r}\n"
-        f"    c.tokens.add = ({NEW_TOKEN!r},)\n"
-        "    c.tokens.train = ('<|end_of_text|>',)\n"
-        "    c.lora.rank = 4\n"
-        "    c.lora.dropout = 0.1\n"
-        "    c.optim.lr = 5e-3\n"
-        "    c.optim.token_lr = 2e-2\n"
-        "    c.train.steps = 16\n"
-        "    c.train.batch_size = 4\n"
-        "    c.train.seq_len = 32\n"
-        "    c.train.save_every = 4\n"
-        "    c.train.log_every = 2\n"
-        "    c.train.eval_every = 8\n"
-        "    c.sample.prompt = 'The cat'\n"
-        "    c.sample.max_new_tokens = 6\n"
-        "    return c\n"
-    )
-    return root
+    # vocab 300: the tokenizer fills it, so the new token grows the vocabulary
+    return tiny.write_run_files(
+        tmp_path_factory.mktemp("train_cli"), vocab=300, rows=60, eval_rows=6,
+        **{"lora.rank": 4, "lora.dropout": 0.1, "optim.lr": 5e-3, "optim.token_lr": 2e-2, "train.steps": 16,
+           "train.batch_size": 4, "train.seq_len": 32, "train.save_every": 4, "train.log_every": 2,
+           "train.eval_every": 8, "sample.prompt": "The cat", "sample.max_new_tokens": 6})
 
 
 def _cli(config: Path, output_dir: Path, *overrides: str, **popen) -> list[str]:

@@ -220,3 +220,26 @@ def jax_logits(model, params, tokens, positions=None, segment_ids=None, jit=True
     apply = jax.jit(model.apply) if jit else model.apply
     logits, _ = apply({"params": params}, tokens, positions, segment_ids)
     return np.asarray(logits.astype(np.float32))
+
+
+NEW_TOKEN = "<|x|>"
+
+
+def write_run_files(root, *, vocab: int, rows: int, eval_rows: int = 0, **config) -> Path:
+    """A tiny untied checkpoint with a tokenizer (root/model), text data that uses the new token NEW_TOKEN
+    (root/train.jsonl, and root/eval.jsonl with `eval_rows`), and root/config.py: default_config() with the model, the
+    data, that token and `config` ({"train.steps": 4, ...}, values written with repr) set."""
+    root = Path(root)
+    make_checkpoint(root / "model", tied=False, vocab=vocab)
+    make_tokenizer(root / "model")
+    for name, count in (("train.jsonl", rows), ("eval.jsonl", eval_rows)):
+        with open(root / name, "w") as f:
+            for i in range(count):
+                f.write(json.dumps({"text": f"{CORPUS[i % len(CORPUS)]} {NEW_TOKEN} {i % 7}"}) + "\n")
+    settings = {"model.path": str(root / "model"), "model.dtype": "float32", "data.train": str(root / "train.jsonl"),
+                "data.eval": str(root / "eval.jsonl") if eval_rows else "", "tokens.add": (NEW_TOKEN,),
+                "tokens.train": ("<|end_of_text|>",), **config}
+    lines = [f"    c.{key} = {value!r}\n" for key, value in settings.items()]
+    (root / "config.py").write_text("from jaxtok.run_config import default_config\n\n\ndef get_config():\n"
+                                    "    c = default_config()\n" + "".join(lines) + "    return c\n")
+    return root
