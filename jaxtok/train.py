@@ -39,9 +39,9 @@ from jaxtok.lora import LoraConfig
 from jaxtok.metrics import MetricsWriter, drop_after
 from jaxtok.model import Llama, abstract_variables, logical_axes_of
 from jaxtok.optimizer import OptimConfig, make_optimizer, schedule
+from jaxtok.peft_import import apply_adapter
 from jaxtok.sharding import RULES, batch_sharding, global_array, initialize_distributed, make_mesh, tree_shardings
 from jaxtok.step import TrainState, init_state, make_train_step, state_shardings
-from jaxtok.peft_import import apply_adapter
 from jaxtok.tokenizer import load_tokenizer
 from jaxtok.vocab import add_tokens, plan_rows, resolve_tokens
 
