@@ -88,3 +88,15 @@ def test_runner_blocks_torch(tmp_path):
     script.write_text("import sys\ntry:\n    import torch\nexcept ModuleNotFoundError:\n    sys.exit(7)\n")
     result = run(RUNNER, script)
     assert result.returncode == 7, result.stderr
+
+
+def test_training_job_and_export_without_torch(tmp_path):
+    """The main job and its exports run as `pip install -e .` leaves them: with no torch at all."""
+    files = tiny.write_run_files(tmp_path, vocab=300, rows=16, **{"lora.rank": 2, "train.steps": 2,
+                                                                 "train.batch_size": 2, "train.seq_len": 16})
+    out = tmp_path / "run"
+    result = run(RUNNER, REPO / "scripts" / "train.py", f"--config={files / 'config.py'}", f"--config.output_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "config.json").is_file()
+    result = run(RUNNER, REPO / "scripts" / "export.py", f"--run={out}", "--format=peft", f"--out={tmp_path / 'peft'}")
+    assert result.returncode == 0, result.stderr[-2000:]
