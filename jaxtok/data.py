@@ -392,17 +392,20 @@ class Batches:
         """The epoch the first row of `step` belongs to."""
         return step * self.rows_per_step // self.num_rows
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of the batch of `step`: [A, B / process_count, T] int32 arrays."""
+    def batch(self, step: int, rows: Optional[slice] = None) -> dict[str, np.ndarray]:
+        """Rows of the batch of `step`: [A, B / process_count, T] int32 arrays for this process, or, given `rows` (a
+        slice of the B axis, as a device's shard asks for it), just those rows of every micro-batch."""
         if step < 0:
             raise ValueError(f"step {step} is negative")
         A, B, P = self.micro_batches, self.batch_size, self.process_count
         local = B // P
         global_AB = step * A * B + np.arange(A * B, dtype=np.int64).reshape(A, B)
-        mine_AB = global_AB[:, self.process_index * local : (self.process_index + 1) * local]
-        rows = self._rows(mine_AB.reshape(-1))
+        if rows is None:
+            rows = slice(self.process_index * local, (self.process_index + 1) * local)
+        mine_AB = global_AB[:, rows]
+        indices = self._rows(mine_AB.reshape(-1))
         T = self.sequences["tokens"].shape[1]
-        return {key: array[rows].reshape(A, local, T) for key, array in self.sequences.items()}
+        return {key: array[indices].reshape(mine_AB.shape + (T,)) for key, array in self.sequences.items()}
 
     def _rows(self, global_indices: np.ndarray) -> np.ndarray:
         N = self.num_rows

@@ -90,9 +90,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def global_array(full: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host array every process can compute (a batch is a function of (seed, step)): each
-    process copies only the rows its own devices hold."""
+    """A global array from a host array every process holds: each process copies only its devices' shards."""
     return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
+
+
+def global_batch(batches, step: int, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """The batch of `step` as global [A, B, T] arrays; each process reads only the rows its own devices hold.
+
+    A batch is a function of (seed, step), so any process can read any rows: which rows are whose is left to the
+    mesh, however it spreads over hosts.
+    """
+    A, B, T = batches.micro_batches, batches.batch_size, batches.sequences["tokens"].shape[1]
+    read: dict = {}
+
+    def rows(key, index):
+        span = index[1].indices(B)  # slices are not hashable before Python 3.12
+        if span not in read:  # one read per distinct row slice serves every key
+            read[span] = batches.batch(step, rows=index[1])
+        return read[span][key][index[0]][..., index[2]]
+
+    return {key: jax.make_array_from_callback((A, B, T), sharding, lambda index, key=key: rows(key, index))
+            for key in batches.sequences}
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,

@@ -40,7 +40,15 @@ from jaxtok.metrics import MetricsWriter, drop_after
 from jaxtok.model import Llama, abstract_variables, logical_axes_of
 from jaxtok.optimizer import OptimConfig, make_optimizer, schedule
 from jaxtok.peft_import import apply_adapter
-from jaxtok.sharding import RULES, batch_sharding, global_array, initialize_distributed, make_mesh, tree_shardings
+from jaxtok.sharding import (
+    RULES,
+    batch_sharding,
+    global_array,
+    global_batch,
+    initialize_distributed,
+    make_mesh,
+    tree_shardings,
+)
 from jaxtok.step import TrainState, init_state, make_train_step, state_shardings
 from jaxtok.tokenizer import load_tokenizer
 from jaxtok.vocab import add_tokens, plan_rows, resolve_tokens
@@ -179,8 +187,7 @@ def build(config) -> Setup:
     if config.data.eval:
         eval_seqs, _ = data_lib.prepare(config.data.eval, setup.tokenizer, info["format"], t.seq_len, False,
                                         chat_template, split=config.data.eval_split)
-    # Every process computes the whole batch of a step (a cheap function of seed and step) and copies to its
-    # devices only the rows they hold (`sharding.global_array`), whatever the mesh's layout over hosts.
+    # Each process reads only the rows of a step's batch that its own devices hold (`sharding.global_batch`).
     batches = data_lib.Batches(train_seqs, t.batch_size, t.grad_accum, t.seed)
     return dataclasses.replace(setup, chat_template=chat_template, fmt=info["format"], train_data=batches,
                                eval_sequences=eval_seqs)
@@ -334,7 +341,7 @@ class _Loop:
         t, due = self.config.train, self.due
         tick = time.perf_counter()
         for step in range(start, t.steps):
-            batch = {k: global_array(v, self.batch_sharding) for k, v in self.setup.train_data.batch(step).items()}
+            batch = global_batch(self.setup.train_data, step, self.batch_sharding)
             self.state, metrics = self.step_fn(self.state, self.frozen, batch)
             done = step + 1
             self.pending.append((done, metrics))

@@ -6,13 +6,15 @@ import json
 
 import datasets
 import huggingface_hub
+import jax
 import numpy as np
 import pandas as pd
 import pytest
-
 import tiny
+
 from jaxtok import data
 from jaxtok.errors import JaxtokError
+from jaxtok.sharding import batch_sharding, global_batch
 
 EOT = "<|eot_id|>"
 
@@ -338,6 +340,18 @@ def test_process_slices_partition_the_global_batch():
         pieces = [rows_of(part.batch(step)) for part in parts]
         assert all(piece.shape == (2, 2) for piece in pieces)
         np.testing.assert_array_equal(np.concatenate(pieces, axis=1), rows_of(whole.batch(step)))
+
+
+def test_a_device_reads_only_its_rows_and_global_batches_assemble_them():
+    batches = data.Batches(row_sequences(N=13), batch_size=6, micro_batches=2, seed=3)
+    whole = batches.batch(4)
+    part = batches.batch(4, rows=slice(2, 4))
+    for key in whole:
+        np.testing.assert_array_equal(part[key], whole[key][:, 2:4])
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    global_ = global_batch(batches, 4, batch_sharding(mesh))
+    for key in whole:
+        np.testing.assert_array_equal(np.asarray(global_[key]), whole[key])
 
 
 def test_batches_refuse_bad_settings():
