@@ -39,6 +39,9 @@ class Checkpoints:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, state: TrainState, record: dict[str, Any]) -> None:
         step = int(state.step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)), record=ocp.args.JsonSave(record))

@@ -11,7 +11,6 @@ user calls `resize_token_embeddings`: `resize_vocab(model, params, len(adapter_t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from jaxtok.errors import JaxtokError
 from jaxtok.hf_io import read_json, resolve_model_dir
 from jaxtok.model import Llama
 from jaxtok.peft_format import check_shapes, from_peft, read_adapter_config
+from jaxtok.vocab import grow_vocab
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -54,18 +54,8 @@ def resize_vocab(model: Llama, params: dict, vocab_size: int) -> tuple[Llama, di
         raise JaxtokError(f"cannot shrink the vocabulary from {config.vocab_size} to {vocab_size} rows")
     if vocab_size == config.vocab_size:
         return model, params
-    params = dict(params)
-    params["embed"] = _grow(params["embed"], vocab_size)
-    if not config.tie_word_embeddings:
-        params["lm_head"] = _grow(params["lm_head"].T, vocab_size).T
-    return model.clone(config=dataclasses.replace(config, vocab_size=vocab_size)), params
-
-
-def _grow(rows_VD, vocab_size: int) -> jnp.ndarray:
-    # jnp, not numpy: the rows may be sharded over devices, and stay so
-    mean_D = jnp.mean(rows_VD.astype(jnp.float32), axis=0).astype(rows_VD.dtype)
-    extra = jnp.broadcast_to(mean_D, (vocab_size - rows_VD.shape[0], rows_VD.shape[1]))
-    return jnp.concatenate([rows_VD, extra], axis=0)
+    params, config = grow_vocab(params, config, vocab_size, range(config.vocab_size, vocab_size))
+    return model.clone(config=config), params
 
 
 def _read_tensors(directory) -> dict[str, np.ndarray]:

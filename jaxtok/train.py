@@ -72,10 +72,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = config.model[key]
         if value is not None and value not in WEIGHT_DTYPES:
             raise JaxtokError(f"model.{key} must be one of {', '.join(WEIGHT_DTYPES)} (got {value!r})")
-    for key in ("lr", "token_lr", "weight_decay"):
-        value = config.optim[key]
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
-            raise JaxtokError(f"optim.{key} must be a finite number >= 0 (got {value!r})")
+    optim_config(config)  # OptimConfig and LoraConfig check their own values: run those checks before anything slow
+    lora_config(config)
     if config.train.full_embeddings and config.export.peft:
         raise JaxtokError("train.full_embeddings trains whole matrices, which a PEFT LoRA adapter does not hold; "
                           "set export.peft=False (the merged export includes them)")
@@ -417,7 +415,7 @@ def load_run(run_dir: str | Path, step: Optional[int] = None) -> tuple[Any, Setu
     config = load_run_config(run_dir / "run_config.json")
     checkpoints = Checkpoints(run_dir / "checkpoints")
     try:
-        steps = checkpoints.manager.all_steps()
+        steps = checkpoints.steps()
         if not steps:
             raise JaxtokError(f"{run_dir} has no checkpoints yet")
         if step is not None and step not in steps:

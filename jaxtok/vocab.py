@@ -60,11 +60,19 @@ def add_tokens(
     new_ids = tuple(tokenizer.convert_tokens_to_ids(list(new_tokens)))
     new_vocab = max(config.vocab_size, len(tokenizer))
 
+    params, config = grow_vocab(params, config, new_vocab, new_ids, description_ids)
+    return params, config, new_ids
+
+
+def grow_vocab(params: dict, config: LlamaConfig, vocab_size: int, init_ids: Sequence[int],
+               description_ids: Optional[Sequence[Sequence[int]]] = None) -> tuple[dict, LlamaConfig]:
+    """`params` and `config` with `vocab_size` rows in the embedding (and an untied head). Rows `init_ids` start as
+    the mean of the old rows, or with `description_ids`, as the mean of those rows; other new rows are zero."""
     params = dict(params)
-    params["embed"] = _grow(params["embed"], new_ids, new_vocab, description_ids)
+    params["embed"] = _grow(params["embed"], init_ids, vocab_size, description_ids)
     if not config.tie_word_embeddings:
-        params["lm_head"] = _grow(params["lm_head"].T, new_ids, new_vocab, description_ids).T
-    return params, dataclasses.replace(config, vocab_size=new_vocab), new_ids
+        params["lm_head"] = _grow(params["lm_head"].T, init_ids, vocab_size, description_ids).T
+    return params, dataclasses.replace(config, vocab_size=vocab_size)
 
 
 def _grow(rows_VD, new_ids, new_vocab: int, description_ids) -> jnp.ndarray:
