@@ -17,7 +17,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxtok.errors import JaxtokError
-from jaxtok.loss import next_token_loss
 from jaxtok.model import Llama
 
 
@@ -50,8 +49,8 @@ def tokenize_texts(tokenizer, texts: Iterable[str], seq_len: int) -> list[list[i
 
 @functools.partial(jax.jit, static_argnames="model")
 def _loss_sum(model: Llama, variables, tokens_BT, positions_BT, segments_BT, loss_mask_BT):
-    logits_BTV, _ = model.apply(variables, tokens_BT, positions_BT, segments_BT)
-    return next_token_loss(logits_BTV, tokens_BT, loss_mask_BT)
+    loss, _ = model.apply(variables, tokens_BT, positions_BT, segments_BT, loss_mask_BT=loss_mask_BT)
+    return loss
 
 
 def evaluate_sequences(model: Llama, variables: dict, sequences: dict, batch_size: int = 8, progress=True,

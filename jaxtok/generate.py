@@ -56,9 +56,9 @@ def _decode(model, variables, tokens_BP, positions_BP, segments_BP, rng, *, max_
     B, P = tokens_BP.shape
     cache = init_cache(model.config, B, P + max_new_tokens, model.dtype)
     choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits_BPV, cache = model.apply(variables, tokens_BP, positions_BP, segments_BP, cache=cache)
+    logits_B1V, cache = model.apply(variables, tokens_BP, positions_BP, segments_BP, cache=cache, last_only=True)
     rng, step_rng = jax.random.split(rng)
-    first_B = choose(logits_BPV[:, -1], step_rng)
+    first_B = choose(logits_B1V[:, 0], step_rng)
     done_B = first_B == eos_id if eos_id is not None else jnp.zeros((B,), bool)
 
     def step(carry, _):

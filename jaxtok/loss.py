@@ -1,16 +1,64 @@
-"""Next-token cross-entropy, the one loss definition shared by training, evaluation and tests."""
+"""Next-token cross-entropy: the reference on logits, and the fused head + loss that training and evaluation use.
+
+`next_token_loss` takes [B, T, V] logits. At Llama 3's vocabulary those logits are the largest buffers of a LoRA step
+(B*T*128,256 floats, and as many again for their gradient), larger than the whole trainable state.
+
+`fused_next_token_loss` never builds them. It takes the final hidden states and the `Head` (the frozen output matrix,
+plus the token-row corrections of `jaxtok.tokens`), and walks the sequence in chunks of C positions: per chunk it
+computes the [B, C, V] logits, their log-sum-exp and the target's logit, and keeps only the [B, C] log-sum-exp. A
+custom VJP recomputes each chunk's logits in the backward pass and turns them straight into the logits' gradient,
+softmax minus one-hot, so the backward needs one [B, C, V] buffer at a time too:
+
+    d logits = (softmax(logits) - onehot(target)) * weight
+    d x      = d logits . W            d delta = d logits[:, ids]^T . x          d W = d logits^T . x
+
+The gradient of W is written out like the others, so training the whole head (`lora+full`) works; when W is frozen
+nothing consumes it and XLA drops that product (tests/test_memory.py checks the compiled step's buffers).
+
+Both functions return the sum of the token losses and the number of targets, not the mean, so callers add up
+micro-batches and evaluation batches exactly.
+"""
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple, Optional
+
 import jax
 import jax.numpy as jnp
+
+# Auto chunking: at most this many bytes of float32 logits per chunk. Accelerators get larger chunks, since their
+# matmuls need many rows to run at speed and their memory is large; on CPU 32 MiB chunks already run at full speed.
+LOGITS_CHUNK_BYTES = {"cpu": 32 * 2**20}
+ACCELERATOR_LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+class Head(NamedTuple):
+    """The output layer: logits = x . W, except that the logits of tokens `ids` get x . delta[k] added.
+
+    `weight` is the embedding [V, D] of a tied head (`layout` "vd") or the head [D, V] of an untied one ("dv").
+    `delta_KD` is (trained row - frozen row) for each token row (None without rows): adding x . delta to the frozen
+    logit gives exactly x . trained row, and a fresh table changes nothing bit for bit.
+    """
+
+    weight: jnp.ndarray
+    layout: str
+    ids: tuple[int, ...] = ()
+    delta_KD: Optional[jnp.ndarray] = None
+
+    def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+        """[B, T, V] logits in x's dtype (the un-fused path: generation, and the reference in tests)."""
+        logits_BTV = jnp.einsum(f"btd,{self.layout}->btv", x_BTD, self.weight.astype(x_BTD.dtype))
+        if not self.ids:
+            return logits_BTV
+        rows_BTK = jnp.einsum("btd,kd->btk", x_BTD, self.delta_KD.astype(x_BTD.dtype))
+        return logits_BTV.at[..., jnp.asarray(self.ids)].add(rows_BTK)
 
 
 def next_token_loss(logits_BTV: jnp.ndarray, tokens_BT: jnp.ndarray, target_mask_BT: jnp.ndarray):
     """Sum and count of the cross-entropy of predicting `tokens[:, t]` from position t-1, over t with a true mask.
 
     `target_mask[:, 0]` is ignored (nothing predicts the first token). Computed in float32 whatever the logits' dtype.
-    Returning the sum and the count, not the mean, lets callers add up batches and rows exactly.
     """
     logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
     targets_BT = tokens_BT[:, 1:]
@@ -18,3 +66,115 @@ def next_token_loss(logits_BTV: jnp.ndarray, tokens_BT: jnp.ndarray, target_mask
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return jnp.sum((log_z_BT - picked_BT) * weights_BT), jnp.sum(weights_BT)
+
+
+def auto_chunk(batch: int, length: int, vocab: int, budget: Optional[int] = None) -> int:
+    """The chunk length C: the whole sequence if its float32 logits fit `budget` (default: by backend), else the
+    largest power of two whose [B, C, V] logits do (at least 1)."""
+    if budget is None:
+        budget = LOGITS_CHUNK_BYTES.get(jax.default_backend(), ACCELERATOR_LOGITS_CHUNK_BYTES)
+    if batch * length * vocab * 4 <= budget:
+        return length
+    chunk = 1
+    while 2 * chunk < length and batch * 2 * chunk * vocab * 4 <= budget:
+        chunk *= 2
+    return chunk
+
+
+def fused_next_token_loss(head: Head, x_BTD: jnp.ndarray, tokens_BT: jnp.ndarray, target_mask_BT: jnp.ndarray,
+                          chunk: int = 0):
+    """What `next_token_loss(head.logits(x), tokens, mask)` returns, computed C positions at a time.
+
+    `chunk` is C; 0 chooses it with `auto_chunk`. The sequence is padded to a multiple of C with weightless positions.
+    """
+    B, T, _ = x_BTD.shape
+    V = head.weight.shape[0 if head.layout == "vd" else 1]
+    C = chunk if chunk > 0 else auto_chunk(B, T, V)
+    C = min(C, T)
+    # Position t predicts token t+1; the last position predicts nothing (weight 0).
+    targets_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
+    weights_BT = jnp.pad(target_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    pad = -T % C
+    if pad:
+        x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
+    delta_KD = head.delta_KD if head.ids else jnp.zeros((0, x_BTD.shape[-1]), jnp.float32)
+    total = _chunked_loss(head.layout, head.ids, C, x_BTD, head.weight, delta_KD, targets_BT, weights_BT)
+    return total, jnp.sum(weights_BT)
+
+
+def _chunks(a, C):
+    """[B, T, ...] -> [T/C, B, C, ...]: the scan runs over chunks of positions and keeps the batch axis (and so its
+    sharding over devices) inside each chunk."""
+    B, T = a.shape[:2]
+    return jnp.moveaxis(a.reshape(B, T // C, C, *a.shape[2:]), 1, 0)
+
+
+def _chunk_logits(layout, ids, x_BCD, weight, delta_KD):
+    """[B, C, V] float32 logits of one chunk, accumulated in float32 whatever the compute dtype."""
+    logits_BCV = jnp.einsum(f"bcd,{layout}->bcv", x_BCD, weight.astype(x_BCD.dtype),
+                            preferred_element_type=jnp.float32)
+    if ids:
+        rows_BCK = jnp.einsum("bcd,kd->bck", x_BCD, delta_KD.astype(x_BCD.dtype), preferred_element_type=jnp.float32)
+        logits_BCV = logits_BCV.at[..., jnp.asarray(ids)].add(rows_BCK)
+    return logits_BCV
+
+
+def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
+    def body(total, xs):
+        x_BCD, targets_BC, weights_BC = xs
+        logits_BCV = _chunk_logits(layout, ids, x_BCD, weight, delta_KD)
+        log_z_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((log_z_BC - picked_BC) * weights_BC), log_z_BC
+
+    xs = (_chunks(x_BTD, C), _chunks(targets_BT, C), _chunks(weights_BT, C))
+    total, log_z_NBC = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total, log_z_NBC
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_loss(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
+    return _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT)[0]
+
+
+def _chunked_loss_fwd(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
+    total, log_z_NBC = _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT)
+    return total, (x_BTD, weight, delta_KD, targets_BT, weights_BT, log_z_NBC)
+
+
+def _chunked_loss_bwd(layout, ids, C, residuals, g):
+    x_BTD, weight, delta_KD, targets_BT, weights_BT, log_z_NBC = residuals
+    dtype = x_BTD.dtype
+    index = jnp.asarray(ids, jnp.int32)
+
+    def body(carry, xs):
+        d_weight, d_delta_KD = carry
+        x_BCD, targets_BC, weights_BC, log_z_BC = xs
+        logits_BCV = _chunk_logits(layout, ids, x_BCD, weight, delta_KD)
+        scale_BC = weights_BC * g
+        d_logits_BCV = jnp.exp(logits_BCV - log_z_BC[..., None]) * scale_BC[..., None]
+        onehot_BCV = jax.nn.one_hot(targets_BC, logits_BCV.shape[-1], dtype=jnp.bool_)
+        d_logits_BCV = jnp.where(onehot_BCV, d_logits_BCV - scale_BC[..., None], d_logits_BCV)
+        d_logits_BCV = d_logits_BCV.astype(dtype)
+        d_x_BCD = jnp.einsum(f"bcv,{layout}->bcd", d_logits_BCV, weight.astype(dtype),
+                             preferred_element_type=jnp.float32)
+        d_weight = d_weight + jnp.einsum(f"bcv,bcd->{layout}", d_logits_BCV, x_BCD,
+                                         preferred_element_type=jnp.float32)
+        if ids:
+            d_rows_BCK = jnp.take(d_logits_BCV, index, axis=-1)
+            d_x_BCD = d_x_BCD + jnp.einsum("bck,kd->bcd", d_rows_BCK, delta_KD.astype(dtype),
+                                           preferred_element_type=jnp.float32)
+            d_delta_KD = d_delta_KD + jnp.einsum("bck,bcd->kd", d_rows_BCK, x_BCD, preferred_element_type=jnp.float32)
+        return (d_weight, d_delta_KD), d_x_BCD.astype(dtype)
+
+    init = (jnp.zeros(weight.shape, jnp.float32), jnp.zeros(delta_KD.shape, jnp.float32))
+    xs = (_chunks(x_BTD, C), _chunks(targets_BT, C), _chunks(weights_BT, C), log_z_NBC)
+    (d_weight, d_delta_KD), d_x_NBCD = jax.lax.scan(body, init, xs)
+    B, T, D = x_BTD.shape
+    d_x_BTD = jnp.moveaxis(d_x_NBCD, 0, 1).reshape(B, T, D)
+    return (d_x_BTD, d_weight.astype(weight.dtype), d_delta_KD.astype(delta_KD.dtype), None, None)
+
+
+_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)

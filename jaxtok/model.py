@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxtok import tokens as token_rows
 from jaxtok.llama_config import LlamaConfig
+from jaxtok.loss import Head, fused_next_token_loss
 from jaxtok.lora import LoraConfig, lora_delta
 from jaxtok.rope import apply_rope, rope_tables
 
@@ -172,6 +173,7 @@ class Llama(nn.Module):
     token_rows: token_rows.TokenRows = token_rows.TokenRows()
     remat: bool = False
     attention_impl: Optional[str] = None  # None lets JAX choose; "xla" or "cudnn" to force one
+    loss_chunk: int = 0  # positions per chunk of the fused loss; 0 chooses from the batch and vocabulary size
 
     @nn.compact
     def __call__(
@@ -181,10 +183,15 @@ class Llama(nn.Module):
         segment_ids_BT: Optional[jnp.ndarray] = None,
         cache: Optional[Cache] = None,
         train: bool = False,
-    ) -> tuple[jnp.ndarray, Optional[Cache]]:
+        loss_mask_BT: Optional[jnp.ndarray] = None,
+        last_only: bool = False,
+    ) -> tuple[Any, Optional[Cache]]:
         """Returns logits [B, T, V] (compute dtype) and, when a cache is given, the cache with these tokens written.
 
-        `train` turns on LoRA dropout (needs a `dropout` rng).
+        With `loss_mask_BT`, returns instead of logits the (sum, count) of the next-token cross-entropy over the
+        targets the mask marks, from the fused chunked head + loss of `jaxtok.loss`: no [B, T, V] logits are made.
+        `last_only` returns the logits of the last position only, [B, 1, V] (generation). `train` turns on LoRA
+        dropout (needs a `dropout` rng).
         """
         c, rows = self.config, self.token_rows
         B, T = tokens_BT.shape
@@ -224,22 +231,32 @@ class Llama(nn.Module):
         x_BTD, kv_cache = layers(x_BTD, cos, sin, mask_BTS, cache_index, kv_cache)
 
         x_BTD = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x_BTD)
-        if c.tie_word_embeddings:
-            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(self.dtype))
-            frozen_KD = jnp.take(embedding_VD, jnp.asarray(rows.embed_ids), axis=0)
-            logits_BTV = token_rows.replace_logits(logits_BTV, x_BTD, rows.embed_ids, embed_table_KD, frozen_KD)
+        head = self._head(embedding_VD, embed_table_KD)
+        if loss_mask_BT is not None:
+            out = fused_next_token_loss(head, x_BTD, tokens_BT, loss_mask_BT, self.loss_chunk)
         else:
-            head_DV = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.param_dtype)
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(self.dtype))
-            if rows.head_ids:
-                frozen_KD = jnp.take(head_DV, jnp.asarray(rows.head_ids), axis=1).T
-                head_table_KD = token_rows.table(self, "head", lambda: frozen_KD)
-                logits_BTV = token_rows.replace_logits(logits_BTV, x_BTD, rows.head_ids, head_table_KD, frozen_KD)
+            out = head.logits(x_BTD[:, -1:] if last_only else x_BTD)
 
         if cache is not None:
             k, v = kv_cache
             cache = dict(k=k, v=v, segment_ids=kv_segments_BS, index=cache_index + T)
-        return logits_BTV, cache
+        return out, cache
+
+    def _head(self, embedding_VD, embed_table_KD) -> Head:
+        """The output matrix (the embedding when tied) and the corrections of its trainable token rows."""
+        c, rows = self.config, self.token_rows
+        if c.tie_word_embeddings:
+            weight, layout, ids, table_KD = embedding_VD, "vd", rows.embed_ids, embed_table_KD
+            frozen_KD = jnp.take(embedding_VD, jnp.asarray(ids, jnp.int32), axis=0) if ids else None
+        else:
+            weight = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.param_dtype)
+            layout, ids = "dv", rows.head_ids
+            frozen_KD = jnp.take(weight, jnp.asarray(ids, jnp.int32), axis=1).T if ids else None
+            table_KD = token_rows.table(self, "head", lambda: frozen_KD) if ids else None
+        if not ids:
+            return Head(weight, layout)
+        delta_KD = (table_KD - frozen_KD.astype(table_KD.dtype)).astype(self.dtype)
+        return Head(weight, layout, ids, delta_KD)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:

@@ -17,7 +17,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtok import trainable as trainable_lib
-from jaxtok.loss import next_token_loss
 from jaxtok.model import Llama
 
 Batch = dict[str, jnp.ndarray]
@@ -71,11 +70,11 @@ def make_train_step(
     """
 
     def loss_sum(trainable, frozen, micro, rng):
-        logits_BTV, _ = model.apply(
+        (total, count), _ = model.apply(
             trainable_lib.merge(frozen, trainable), micro["tokens"], micro["positions"], micro["segment_ids"],
-            train=True, rngs={"dropout": rng},
+            train=True, rngs={"dropout": rng}, loss_mask_BT=micro["loss_mask"],
         )
-        return next_token_loss(logits_BTV, micro["tokens"], micro["loss_mask"])
+        return total, count
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)  # aux: the number of target tokens
 

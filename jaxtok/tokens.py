@@ -6,8 +6,8 @@ the same rows; an untied head may get a second table for its own rows of (usuall
 
 PEFT builds a copy of the whole V x D matrix with the rows replaced, on every forward and again for a tied head. Here
 no V x D array is made for the rows: the embedding gathers from the frozen matrix and then swaps in the table's rows
-for matching tokens ([B, T, K] one-hot), and the head adds x . (row - frozen row) to the K frozen logits. Gradients
-reach the table through those K-sized products only.
+for matching tokens ([B, T, K] one-hot), and the head adds x . (row - frozen row) to the K frozen logits (`jaxtok.loss.Head`).
+Gradients reach the table through those K-sized products only.
 
     params/embed         [V, D]  frozen        tokens/embed  [K, D]  float32, trained
     params/lm_head       [D, V]  frozen        tokens/head   [K', D] float32, trained (untied heads only)
@@ -73,16 +73,3 @@ def embed(embedding_VD, tokens_BT, ids: tuple[int, ...], table_KD, dtype):
     match_BTK = tokens_BT[..., None] == jnp.asarray(ids)
     swapped_BTD = jnp.einsum("btk,kd->btd", match_BTK.astype(dtype), table_KD.astype(dtype))
     return jnp.where(jnp.any(match_BTK, axis=-1, keepdims=True), swapped_BTD, x_BTD)
-
-
-def replace_logits(logits_BTV, x_BTD, ids: tuple[int, ...], table_KD, frozen_KD):
-    """Makes the logits of tokens `ids` equal x . row for the table's rows.
-
-    Adds x . (row - frozen row) to the frozen logits rather than overwriting them: a fresh table then changes
-    nothing bit for bit, and the backward pass needs no zeroed copy of the [B, T, V] cotangent.
-    """
-    if not ids:
-        return logits_BTV
-    delta_KD = (table_KD - frozen_KD.astype(table_KD.dtype)).astype(x_BTD.dtype)
-    rows_BTK = jnp.einsum("btd,kd->btk", x_BTD, delta_KD)
-    return logits_BTV.at[..., jnp.asarray(ids)].add(rows_BTK.astype(logits_BTV.dtype))

@@ -1,0 +1,101 @@
+"""The fused chunked head + loss equals the loss on full logits, value and gradients, and never builds [B, T, V]."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtok.llama_config import LlamaConfig
+from jaxtok.loss import Head, auto_chunk, fused_next_token_loss, next_token_loss
+from jaxtok.lora import LoraConfig
+from jaxtok.model import Llama
+from jaxtok.tokens import TokenRows
+
+B, T, D, V = 2, 12, 16, 50
+IDS = (3, 7, 41)
+
+
+def inputs(seed=0, padded=True):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    tokens = tokens.at[0, 4].set(IDS[1]).at[1, 9].set(IDS[0])  # some targets are token rows
+    mask = np.ones((B, T), np.int32)
+    if padded:
+        mask[0, :3] = 0  # a prompt
+        mask[1, 8:] = 0  # padding at the end
+    return x, tokens, jnp.asarray(mask), rng
+
+
+def heads(rng, layout, with_rows):
+    weight = jnp.asarray(rng.normal(size=(V, D) if layout == "vd" else (D, V)) * 0.3, jnp.float32)
+    if not with_rows:
+        return Head(weight, layout)
+    return Head(weight, layout, IDS, jnp.asarray(rng.normal(size=(len(IDS), D)) * 0.3, jnp.float32))
+
+
+def reference(head, x, tokens, mask):
+    return next_token_loss(head.logits(x), tokens, mask)
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"], ids=["tied", "untied"])
+@pytest.mark.parametrize("with_rows", [False, True], ids=["no-rows", "rows"])
+@pytest.mark.parametrize("chunk", [1, 5, 12, 0])
+def test_fused_loss_and_gradients_equal_the_full_logits(layout, with_rows, chunk):
+    x, tokens, mask, rng = inputs()
+    head = heads(rng, layout, with_rows)
+
+    def loss(fn, x, weight, delta):
+        total, count = fn(head._replace(weight=weight, delta_KD=delta), x)
+        return total / count
+
+    fused = lambda h, x: fused_next_token_loss(h, x, tokens, mask, chunk)  # noqa: E731
+    full = lambda h, x: reference(h, x, tokens, mask)  # noqa: E731
+    argnums = (1, 2, 3) if with_rows else (1, 2)
+    got, got_grads = jax.value_and_grad(loss, argnums)(fused, x, head.weight, head.delta_KD)
+    want, want_grads = jax.value_and_grad(loss, argnums)(full, x, head.weight, head.delta_KD)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    assert float(fused(head, x)[1]) == float(jnp.sum(mask[:, 1:]))
+
+
+def test_auto_chunk_keeps_the_logits_under_the_budget():
+    assert auto_chunk(2, 512, 1000) == 512  # small logits: one chunk
+    chunk = auto_chunk(4, 2048, 128_256, budget=64 * 2**20)
+    assert 4 * chunk * 128_256 * 4 <= 64 * 2**20 < 4 * 2 * chunk * 128_256 * 4
+    assert auto_chunk(64, 8, 10**9) == 1
+    assert auto_chunk(2, 512, 128_256) == 32  # the CPU budget, 32 MiB
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_model_loss_path_equals_logits_path_with_packing(tied):
+    """Through the model: LoRA, token rows in the embedding and head, two packed documents and padding."""
+    config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=4, tie_word_embeddings=tied)
+    model = Llama(config, lora=LoraConfig(rank=2, targets="all-linear"),
+                  token_rows=TokenRows(IDS, () if tied else IDS[:2]), loss_chunk=5)
+    _, tokens, mask, rng = inputs(1)
+    segments = np.ones((B, T), np.int32)
+    segments[0, 6:] = 2
+    segments[1, 10:] = 0
+    positions = np.where(segments[:, :] == 2, np.arange(T) - 6, np.arange(T))
+    variables = model.init(jax.random.key(0), tokens)
+    # non-trivial adapters: B of LoRA away from zero and rows away from their frozen copies
+    variables = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(1), v.shape), variables)
+
+    def loss(variables, fused):
+        if fused:
+            (total, count), _ = model.apply(variables, tokens, positions, segments, loss_mask_BT=mask)
+        else:
+            logits, _ = model.apply(variables, tokens, positions, segments)
+            total, count = next_token_loss(logits, tokens, mask)
+        return total / count
+
+    got, got_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables, True)
+    want, want_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables, False)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
