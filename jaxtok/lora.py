@@ -13,6 +13,8 @@ The parameters live in the `lora` collection, stacked over layers like the base:
     params/layers/attn/q_proj/kernel   [L, D, N, H]   frozen
     lora/layers/attn/q_proj/a          [L, R, D]      float32, trained
     lora/layers/attn/q_proj/b          [L, N*H, R]    float32, trained
+
+In names and einsum strings, I and O are a projection's flattened input and output features.
 """
 
 from __future__ import annotations
@@ -92,5 +94,32 @@ def lora_delta(module: nn.Module, x_BTI, config: LoraConfig, out_features: int, 
     if train and config.dropout > 0.0:
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - config.dropout, x_BTI.shape)
         x_BTI = jnp.where(keep, x_BTI / (1.0 - config.dropout), 0.0).astype(x_BTI.dtype)
-    h_BTR = jnp.einsum("bti,ri->btr", x_BTI, a_RI.astype(dtype))
-    return jnp.einsum("btr,or->bto", h_BTR, b_OR.astype(dtype)) * jnp.asarray(config.scaling, dtype)
+    return _low_rank(x_BTI, a_RI.astype(dtype), b_OR.astype(dtype), jnp.asarray(config.scaling, dtype))
+
+
+# The backward is written out rather than left to autodiff, for speed. Profiling the train step of a 1024-hidden,
+# 8-layer model on CPU (JAX profiler, per-HLO-op times) showed autodiff's gradient of B, einsum("bto,btr->or"),
+# compiled into a transpose of the [B*T, out] output gradient, fused with the MLP's elementwise backward and read
+# column-wise: two such fusions per layer took a fifth of the step. Asking for the gradient as [R, out] (its
+# natural shape, only the small [B*T, R] operand is transposed) and transposing that [R, out] result removes them.
+@jax.custom_vjp
+def _low_rank(x_BTI, a_RI, b_OR, scaling):
+    return _low_rank_fwd(x_BTI, a_RI, b_OR, scaling)[0]
+
+
+def _low_rank_fwd(x_BTI, a_RI, b_OR, scaling):
+    h_BTR = jnp.einsum("bti,ri->btr", x_BTI, a_RI)
+    return jnp.einsum("btr,or->bto", h_BTR, b_OR) * scaling, (x_BTI, a_RI, b_OR, scaling, h_BTR)
+
+
+def _low_rank_bwd(residuals, d_y_BTO):
+    x_BTI, a_RI, b_OR, scaling, h_BTR = residuals
+    d_y_BTO = d_y_BTO * scaling
+    d_b_OR = jnp.einsum("btr,bto->ro", h_BTR, d_y_BTO).T
+    d_h_BTR = jnp.einsum("bto,or->btr", d_y_BTO, b_OR)
+    d_a_RI = jnp.einsum("btr,bti->ri", d_h_BTR, x_BTI)
+    d_x_BTI = jnp.einsum("btr,ri->bti", d_h_BTR, a_RI)
+    return d_x_BTI, d_a_RI, d_b_OR, jnp.zeros_like(scaling)
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)

@@ -1,7 +1,9 @@
 """A Flax (linen) Llama that computes what transformers' `LlamaForCausalLM` computes.
 
 Shape legend, used in names and einsum strings throughout jaxtok:
-    B batch, T query length, S key length, D hidden, N query heads, K kv heads, H head dim, F mlp, V vocab, L layers.
+    B batch, T query length, S key length, D hidden, N query heads, K kv heads, H head dim, F mlp, V vocab, L layers,
+    (in jaxtok.lora) R LoRA rank, I and O a projection's flattened in and out features, (in jaxtok.loss) C the
+    positions of one chunk of the fused loss.
 
 Design choices:
 * Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) so
@@ -28,6 +30,11 @@ from jaxtok.llama_config import LlamaConfig
 from jaxtok.loss import Head, fused_next_token_loss
 from jaxtok.lora import LoraConfig, lora_delta
 from jaxtok.rope import apply_rope, rope_tables
+
+# Gradient checkpointing of each layer: what the forward keeps for the backward. "none" keeps every activation
+# autodiff wants; "full" keeps only each layer's input and recomputes the layer; "dots" keeps the outputs of the
+# matmuls with weights (not attention's batched ones) and recomputes the cheap elementwise work between them.
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 Cache = dict[str, jnp.ndarray]  # k, v: [L, B, S, K, H]; segment_ids: [B, S]; index: scalar (next slot to write)
 
@@ -171,7 +178,7 @@ class Llama(nn.Module):
     param_dtype: Any = jnp.float32
     lora: Optional[LoraConfig] = None
     token_rows: token_rows.TokenRows = token_rows.TokenRows()
-    remat: bool = False
+    remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: Optional[str] = None  # None lets JAX choose; "xla" or "cudnn" to force one
     loss_chunk: int = 0  # positions per chunk of the fused loss; 0 chooses from the batch and vocabulary size
 
@@ -217,8 +224,8 @@ class Llama(nn.Module):
         mask_BTS = attention_mask(segment_ids_BT, kv_segments_BS, cache_index)
 
         layer = DecoderLayer
-        if self.remat:
-            layer = nn.remat(layer, prevent_cse=False)
+        if self.remat != "none":
+            layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
         layers = nn.scan(
             layer,
             variable_axes={"params": 0, "lora": 0},

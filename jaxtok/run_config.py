@@ -17,7 +17,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # dtype of the frozen base weights: float32 or bfloat16
     c.model.compute_dtype = ml_collections.FieldReference(None, field_type=str)  # activations; None: as model.dtype
     c.model.allow_pickle = False  # read pytorch_model.bin (pickle can run code); safetensors need no opt-in
-    c.model.remat = False  # recompute activations in the backward pass: less memory, ~30% more compute
+    c.model.remat = "none"  # gradient checkpointing per layer: none, full (keep only layer inputs), dots (keep matmuls)
+    c.model.loss_chunk = 0  # positions per chunk of the fused head + loss; 0 chooses from batch and vocabulary size
     c.model.attention = ""  # attention kernel: "" (JAX chooses), "xla" or "cudnn"
     c.model.adapter = ""  # a PEFT adapter (directory or Hub id) to continue training; it sets lora.* and tokens
 
@@ -94,6 +95,9 @@ def load_run_config(path) -> ml_collections.ConfigDict:
     import json
 
     saved = json.loads(open(path).read())
+    remat = saved.get("model", {}).get("remat")
+    if isinstance(remat, bool):  # saved before model.remat named a policy
+        saved["model"]["remat"] = "full" if remat else "none"
     config = default_config()
 
     def fill(node, values, prefix):

@@ -37,7 +37,7 @@ from jaxtok.export import export_merged, export_peft
 from jaxtok.generate import generate
 from jaxtok.lora import LoraConfig
 from jaxtok.metrics import MetricsWriter, drop_after
-from jaxtok.model import Llama, abstract_variables, logical_axes_of
+from jaxtok.model import REMAT_POLICIES, Llama, abstract_variables, logical_axes_of
 from jaxtok.optimizer import OptimConfig, make_optimizer, schedule
 from jaxtok.peft_import import apply_adapter
 from jaxtok.sharding import (
@@ -72,6 +72,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = config.model[key]
         if value is not None and value not in WEIGHT_DTYPES:
             raise JaxtokError(f"model.{key} must be one of {', '.join(WEIGHT_DTYPES)} (got {value!r})")
+    remat_policy(config.model.remat)
+    if not isinstance(config.model.loss_chunk, int) or config.model.loss_chunk < 0:
+        raise JaxtokError(f"model.loss_chunk must be an integer >= 0 (got {config.model.loss_chunk!r}; 0 chooses)")
     optim_config(config)  # OptimConfig and LoraConfig check their own values: run those checks before anything slow
     lora_config(config)
     if config.train.full_embeddings and config.export.peft:
@@ -82,6 +85,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise JaxtokError(f"output_dir {out} is a file; choose a directory")
+
+
+def remat_policy(value) -> str:
+    """model.remat, checked to be a key of REMAT_POLICIES."""
+    if value not in REMAT_POLICIES:
+        raise JaxtokError(f"model.remat must be one of {', '.join(REMAT_POLICIES)} (got {value!r})")
+    return value
 
 
 def lora_config(config) -> LoraConfig:
@@ -121,8 +131,8 @@ def build_model(config, mesh: Mesh) -> Setup:
     model_path = resolve_model_path(config.model.path)  # the demo base is built on first use
     base, params = load_pretrained(
         model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
-        allow_pickle=config.model.allow_pickle, remat=config.model.remat,
-        attention_impl=config.model.attention or None, mesh=mesh,
+        allow_pickle=config.model.allow_pickle, remat=remat_policy(config.model.remat),
+        attention_impl=config.model.attention or None, loss_chunk=config.model.loss_chunk, mesh=mesh,
     )
     base_vocab = base.config.vocab_size
     if config.model.adapter:

@@ -99,3 +99,23 @@ def test_model_loss_path_equals_logits_path_with_packing(tied):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_policies_give_the_same_loss_and_gradients(remat):
+    config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
+    _, tokens, mask, _ = inputs(2)
+    model = Llama(config, lora=LoraConfig(rank=2, targets="all-linear"), token_rows=TokenRows(IDS))
+    variables = model.init(jax.random.key(0), tokens)
+    variables = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(1), v.shape), variables)
+    frozen, adapters = {"params": variables["params"]}, {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(adapters, model):
+        (total, count), _ = model.apply({**frozen, **adapters}, tokens, loss_mask_BT=mask)
+        return total / count
+
+    want, want_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(adapters, model)
+    got, got_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(adapters, model.clone(remat=remat))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got_grads, want_grads)
