@@ -5,15 +5,19 @@
 
 `fused_next_token_loss` never builds them. It takes the final hidden states and the `Head` (the frozen output matrix,
 plus the token-row corrections of `jaxtok.tokens`), and walks the sequence in chunks of C positions: per chunk it
-computes the [B, C, V] logits, their log-sum-exp and the target's logit, and keeps only the [B, C] log-sum-exp. A
-custom VJP recomputes each chunk's logits in the backward pass and turns them straight into the logits' gradient,
-softmax minus one-hot, so the backward needs one [B, C, V] buffer at a time too:
+computes the [B, C, V] logits, their log-sum-exp and the target's logit, so one [B, C, V] buffer is live at a time.
+
+Under differentiation the same pass also computes the gradients, from the chunk's logits while they are at hand
+(a custom VJP): the loss is a scalar, so its gradients are these times the cotangent, and the backward pass only
+scales them. Recomputing the logits in the backward instead would cost a third matmul with the V x D head, which is
+most of the step where the vocabulary dominates:
 
     d logits = (softmax(logits) - onehot(target)) * weight
     d x      = d logits . W            d delta = d logits[:, ids]^T . x          d W = d logits^T . x
 
 The gradient of W is written out like the others, so training the whole head (`lora+full`) works; when W is frozen
 nothing consumes it and XLA drops that product (tests/test_memory.py checks the compiled step's buffers).
+Evaluation (no differentiation) runs the loss alone.
 
 Both functions return the sum of the token losses and the number of targets, not the mean, so callers add up
 micro-batches and evaluation batches exactly.
@@ -121,43 +125,24 @@ def _chunk_logits(layout, ids, x_BCD, weight, delta_KD):
     return logits_BCV
 
 
-def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
-    def body(total, xs):
-        x_BCD, targets_BC, weights_BC = xs
-        logits_BCV = _chunk_logits(layout, ids, x_BCD, weight, delta_KD)
-        log_z_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-        picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((log_z_BC - picked_BC) * weights_BC), log_z_BC
-
-    xs = (_chunks(x_BTD, C), _chunks(targets_BT, C), _chunks(weights_BT, C))
-    total, log_z_NBC = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total, log_z_NBC
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunked_loss(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
-    return _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT)[0]
-
-
-def _chunked_loss_fwd(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
-    total, log_z_NBC = _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT)
-    return total, (x_BTD, weight, delta_KD, targets_BT, weights_BT, log_z_NBC)
-
-
-def _chunked_loss_bwd(layout, ids, C, residuals, g):
-    x_BTD, weight, delta_KD, targets_BT, weights_BT, log_z_NBC = residuals
+def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads: bool):
+    """The summed loss; with `with_grads`, also its gradients (for a cotangent of 1), from the same logits."""
     dtype = x_BTD.dtype
     index = jnp.asarray(ids, jnp.int32)
 
     def body(carry, xs):
-        d_weight, d_delta_KD = carry
-        x_BCD, targets_BC, weights_BC, log_z_BC = xs
+        total, d_weight, d_delta_KD = carry
+        x_BCD, targets_BC, weights_BC = xs
         logits_BCV = _chunk_logits(layout, ids, x_BCD, weight, delta_KD)
-        scale_BC = weights_BC * g
-        d_logits_BCV = jnp.exp(logits_BCV - log_z_BC[..., None]) * scale_BC[..., None]
+        log_z_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+        total = total + jnp.sum((log_z_BC - picked_BC) * weights_BC)
+        if not with_grads:
+            return (total, d_weight, d_delta_KD), None
+        # softmax minus one-hot, weighted: the gradient of the chunk's loss with respect to its logits
+        d_logits_BCV = jnp.exp(logits_BCV - log_z_BC[..., None]) * weights_BC[..., None]
         onehot_BCV = jax.nn.one_hot(targets_BC, logits_BCV.shape[-1], dtype=jnp.bool_)
-        d_logits_BCV = jnp.where(onehot_BCV, d_logits_BCV - scale_BC[..., None], d_logits_BCV)
-        d_logits_BCV = d_logits_BCV.astype(dtype)
+        d_logits_BCV = jnp.where(onehot_BCV, d_logits_BCV - weights_BC[..., None], d_logits_BCV).astype(dtype)
         d_x_BCD = jnp.einsum(f"bcv,{layout}->bcd", d_logits_BCV, weight.astype(dtype),
                              preferred_element_type=jnp.float32)
         d_weight = d_weight + jnp.einsum(f"bcv,bcd->{layout}", d_logits_BCV, x_BCD,
@@ -167,14 +152,34 @@ def _chunked_loss_bwd(layout, ids, C, residuals, g):
             d_x_BCD = d_x_BCD + jnp.einsum("bck,kd->bcd", d_rows_BCK, delta_KD.astype(dtype),
                                            preferred_element_type=jnp.float32)
             d_delta_KD = d_delta_KD + jnp.einsum("bck,bcd->kd", d_rows_BCK, x_BCD, preferred_element_type=jnp.float32)
-        return (d_weight, d_delta_KD), d_x_BCD.astype(dtype)
+        return (total, d_weight, d_delta_KD), d_x_BCD
 
-    init = (jnp.zeros(weight.shape, jnp.float32), jnp.zeros(delta_KD.shape, jnp.float32))
-    xs = (_chunks(x_BTD, C), _chunks(targets_BT, C), _chunks(weights_BT, C), log_z_NBC)
-    (d_weight, d_delta_KD), d_x_NBCD = jax.lax.scan(body, init, xs)
+    shape = (weight.shape, delta_KD.shape) if with_grads else ((), ())
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(shape[0], jnp.float32), jnp.zeros(shape[1], jnp.float32))
+    xs = (_chunks(x_BTD, C), _chunks(targets_BT, C), _chunks(weights_BT, C))
+    (total, d_weight, d_delta_KD), d_x_NBCD = jax.lax.scan(body, init, xs)
+    if not with_grads:
+        return total, None
     B, T, D = x_BTD.shape
     d_x_BTD = jnp.moveaxis(d_x_NBCD, 0, 1).reshape(B, T, D)
-    return (d_x_BTD, d_weight.astype(weight.dtype), d_delta_KD.astype(delta_KD.dtype), None, None)
+    return total, (d_x_BTD.astype(dtype), d_weight.astype(weight.dtype), d_delta_KD.astype(delta_KD.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_loss(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
+    return _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads=False)[0]
+
+
+def _chunked_loss_fwd(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
+    total, grads = _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads=True)
+    return total, grads
+
+
+def _chunked_loss_bwd(layout, ids, C, grads, g):
+    # The loss is a scalar, so its gradients are those computed in the forward pass times the cotangent.
+    d_x_BTD, d_weight, d_delta_KD = grads
+    return ((g * d_x_BTD).astype(d_x_BTD.dtype), (g * d_weight).astype(d_weight.dtype),
+            (g * d_delta_KD).astype(d_delta_KD.dtype), None, None)
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
