@@ -253,6 +253,17 @@ def _render(tokenizer, messages: list, template: Optional[str], add_generation_p
         raise JaxtokError(f"the chat template rejected the conversation: {_first_line(e)}") from None
 
 
+def render_chat(tokenizer, messages: list, chat_template: Optional[str] = None,
+                add_generation_prompt: bool = False) -> str:
+    """`messages` rendered as the training data are (with `chat_template`, or the tokenizer's own when None)."""
+    return _render(tokenizer, messages, _template(tokenizer, chat_template), add_generation_prompt)
+
+
+def read_messages(value, column: str = "messages") -> list[dict]:
+    """A row's list of {"role", "content"} messages, checked as the training data are."""
+    return _messages(value, column)
+
+
 def _check_prefix(prefix: str, text: str) -> None:
     if not text.startswith(prefix):
         raise JaxtokError(

@@ -1,9 +1,13 @@
 """The demo base model: a tiny Llama and tokenizer pretrained from text shipped in the repository, built once, cached.
 
 The demo fine-tune (`configs/demo.py`) must run on a fresh clone, offline, on a laptop CPU. No Hub model fits, so
-`ensure_demo_base` makes one: it trains a byte-level BPE tokenizer (512 tokens) and pretrains a Llama-3.2-shaped
-model (4 layers, hidden 128, tied embeddings) on `demo_data/pretrain.txt` for a minute or two, then saves an ordinary
+`ensure_demo_base` makes one: it trains a byte-level BPE tokenizer (1,280 tokens) and pretrains a Llama-3.2-shaped
+model (2 layers, hidden 128, tied embeddings) on `demo_data/pretrain.txt` for a minute or two, then saves an ordinary
 Hugging Face checkpoint that jaxtok and transformers both load. Configs name it by `DEMO_BASE`.
+
+The text is mostly questions followed by the expression they ask for ("Add 16 and 48." then "16 + 48 = 64."), so
+the base learns to copy a question's numbers and name its operation; the fine-tune then only has to map that skill
+onto a calculator call. Copying appears abruptly, at about half of DEFAULT_STEPS; the rest is margin.
 
 The base never sees the chat-template tokens or the calculator tokens of `DEMO_TOKENS`; the fine-tune adds them and
 trains their rows, which is what jaxtok is for. `DEMO_CHAT_TEMPLATE` renders the chat data with them.
@@ -45,6 +49,11 @@ DEMO_BASE = "jaxtok:demo-base"  # the model.path value that means "the demo base
 
 # New tokens the fine-tune adds: Llama 3's chat-template tokens and a calculator call.
 DEMO_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|calc|>", "<|/calc|>")
+# Where each new token's row starts (`tokens.descriptions`: the mean of the text's rows). The base already writes a
+# question's expression on the line after it ("...?\n29 + 28 = 57"), so a call starts as that line break and its end
+# as the " =" after the expression; a turn ends as a text does, and a header reads like "\nuser:". Rows that start
+# where the base already does their job leave the fine-tune only the mapping to learn.
+DEMO_TOKEN_DESCRIPTIONS = ("\n", ":", "<|end_of_text|>", "\n", " =")
 
 # Llama 3's template. `{% generation %}` marks assistant text for transformers' `return_assistant_tokens_mask`.
 DEMO_CHAT_TEMPLATE = (
@@ -60,13 +69,13 @@ DEMO_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
-BUILDER_VERSION = "1"  # bump when the recipe below changes, so cached checkpoints are rebuilt
-DEFAULT_STEPS = 200  # 1-2 minutes on two CPU cores, depending on what else runs
+BUILDER_VERSION = "2"  # bump when the recipe below changes, so cached checkpoints are rebuilt
+DEFAULT_STEPS = 400  # about a minute on two idle CPU cores, two under load
 DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 MARKER = "demo_base.json"  # written last into a build; holds the recipe and the losses
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-VOCAB_SIZE = 512
+VOCAB_SIZE = 1280
 SEQ_LEN = 128
 BATCH_SIZE = 16
 PEAK_LR, WARMUP_STEPS = 5e-3, 20
@@ -172,14 +181,15 @@ def build_demo_base(out_dir: str | os.PathLike, steps: int = DEFAULT_STEPS, prog
 
 def train_tokenizer(documents: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE of VOCAB_SIZE tokens that prepends BOS, as a transformers fast tokenizer (no chat template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # One digit per token, so "17 + 25" and the number it stands for share pieces whatever the number.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    # Numbers in pieces of up to three digits, as Llama 3 splits them: the BPE then learns nearly every number the
+    # demo uses as one token, so a calculator call copies an operand as one token rather than digit by digit, which
+    # a model this small learns in far fewer steps.
+    digits = pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -194,9 +204,10 @@ def train_tokenizer(documents: list[str]) -> PreTrainedTokenizerFast:
 
 
 def demo_config(vocab_size: int) -> LlamaConfig:
-    """A Llama 3.2 shape (GQA, tied embeddings) at toy size."""
+    """A Llama 3.2 shape (tied embeddings) at toy size. Four key-value heads, one per query head: sharing them, as
+    GQA does, made learning to copy numbers slower and less reliable across data seeds at this size."""
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=4,
         head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
     )
 

@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.prompt = ""  # after training, print a greedy continuation of this prompt ("" skips)
     c.sample.max_new_tokens = 48
     c.sample.stop = ""  # token that ends the sample; "": the tokenizer's EOS
+    c.sample.calculator = False  # run a reply's <|calc|>A op B<|/calc|> call, give the result back as a tool turn
+    c.sample.heldout = ""  # messages file: ask each row's question, print "held-out questions: N/M right", heldout.json
+    c.sample.heldout_rows = 10  # how many rows of sample.heldout to ask (its first ones)
 
     c.export = ml_collections.ConfigDict()
     c.export.peft = True  # write output_dir/adapter in PEFT's format

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxtok import chat as chat_lib
 from jaxtok import data as data_lib
 from jaxtok import trainable as trainable_lib
 from jaxtok.checkpoint import Checkpoints
@@ -80,6 +81,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.train.full_embeddings and config.export.peft:
         raise JaxtokError("train.full_embeddings trains whole matrices, which a PEFT LoRA adapter does not hold; "
                           "set export.peft=False (the merged export includes them)")
+    if config.sample.heldout and (not isinstance(config.sample.heldout_rows, int) or config.sample.heldout_rows < 1):
+        raise JaxtokError(f"sample.heldout_rows must be a positive integer (got {config.sample.heldout_rows!r})")
     if not config.output_dir:
         raise JaxtokError("output_dir is empty; set --config.output_dir=DIR")
     out = Path(config.output_dir)
@@ -191,6 +194,10 @@ def build(config) -> Setup:
         config.data.train, setup.tokenizer, config.data.format, t.seq_len, config.data.packing, chat_template,
         split=config.data.train_split,
     )
+    if (config.sample.calculator or config.sample.heldout) and info["format"] != "messages":
+        raise JaxtokError(f"sample.calculator and sample.heldout need chat data (messages), not {info['format']}")
+    if config.sample.heldout:  # a bad file fails now rather than after training
+        chat_lib.load_questions(config.sample.heldout, config.sample.heldout_rows)
     eval_seqs = None
     if config.data.eval:
         eval_seqs, _ = data_lib.prepare(config.data.eval, setup.tokenizer, info["format"], t.seq_len, False,
@@ -392,10 +399,34 @@ def _finish(config, setup: Setup, frozen: dict, state: TrainState, out: Path, lo
             export_merged(out / "merged", setup.model, host_params, host_adapters, tokenizer=setup.tokenizer,
                           dtype=config.export.merged_dtype or config.model.dtype, overwrite=True)
             log(f"merged checkpoint: {out / 'merged'}")
-    if config.sample.prompt and config.sample.max_new_tokens > 0:
-        variables = trainable_lib.merge(frozen, state.trainable)
-        text = sample(setup, variables, config.sample.prompt, config.sample.max_new_tokens, config.sample.stop)
-        log(f"sample: {config.sample.prompt!r} -> {text!r}")
+    s = config.sample
+    if s.max_new_tokens < 1:
+        return
+    variables = trainable_lib.merge(frozen, state.trainable)
+    if s.prompt and s.calculator:
+        added = chat_lib.converse(_chat(setup, variables, s), [[{"role": "user", "content": s.prompt}]])[0]
+        log(f"sample: {s.prompt!r} -> {chat_lib.show(added)}")
+    elif s.prompt:
+        text = sample(setup, variables, s.prompt, s.max_new_tokens, s.stop)
+        log(f"sample: {s.prompt!r} -> {text!r}")
+    if s.heldout:
+        result = chat_lib.score(_chat(setup, variables, s), chat_lib.load_questions(s.heldout, s.heldout_rows),
+                                s.calculator)
+        if is_main:
+            chat_lib.write_score(out / "heldout.json", result)
+        log(f"held-out questions: {result['right']}/{result['total']} right")
+        if s.calculator:
+            log(f"held-out calculator calls: {result['calls_right']}/{result['total']} right")
+
+
+def _chat(setup: Setup, variables: dict, s) -> chat_lib.Chat:
+    stop_id = _stop_id(setup, s.stop)
+    return chat_lib.Chat(setup.model, variables, setup.tokenizer, setup.chat_template, s.max_new_tokens, stop_id)
+
+
+def _stop_id(setup: Setup, stop: str) -> int:
+    tokenizer = setup.tokenizer
+    return resolve_tokens(tokenizer, (stop,), setup.model.config.vocab_size)[0] if stop else tokenizer.eos_token_id
 
 
 def sample(setup: Setup, variables: dict, prompt: str, max_new_tokens: int, stop: str = "") -> str:
@@ -409,7 +440,7 @@ def sample(setup: Setup, variables: dict, prompt: str, max_new_tokens: int, stop
             ids = ids["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
-    stop_id = resolve_tokens(tokenizer, (stop,), setup.model.config.vocab_size)[0] if stop else tokenizer.eos_token_id
+    stop_id = _stop_id(setup, stop)
     out = generate(setup.model, variables, [list(ids)], max_new_tokens, eos_id=stop_id,
                    pad_id=tokenizer.pad_token_id or 0)[0]
     return tokenizer.decode(out, skip_special_tokens=False)

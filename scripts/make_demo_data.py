@@ -3,10 +3,12 @@
     python scripts/make_demo_data.py [--out DIR]
 
 Writes
-* pretrain.txt: plain English for pretraining the tiny demo base model (arithmetic in words and digits, word
-  problems, everyday facts, filler), documents separated by blank lines, no special tokens;
-* chat_train.jsonl, chat_eval.jsonl: {"messages": [...]} rows whose assistant first calls a calculator with the new
-  tokens <|calc|> ... <|/calc|>, then answers; eval problems never occur in the training rows or in pretrain.txt;
+* pretrain.txt: plain English for pretraining the tiny demo base model (questions and word problems, each followed by
+  the expression it asks for with the question's numbers, arithmetic in words and digits, everyday facts, filler),
+  documents separated by blank lines, no special tokens;
+* chat_train.jsonl, chat_eval.jsonl: {"messages": [...]} rows in which the assistant calls a calculator with the new
+  tokens (`<|calc|>23 + 19<|/calc|>`), a `tool` message brings the result, and the assistant answers with it; eval
+  problems never occur in the training rows or in pretrain.txt, and cover every operation and question form;
 * README.md describing the files.
 
 Only the standard library is used, and one seeded `random.Random`, so the output depends on nothing but this file.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 SEED = 20240607
 OUT = Path(__file__).resolve().parents[1] / "jaxtok" / "demo_data"
-PRETRAIN_BYTES = 350_000  # enough text for a tiny model to learn the language of the task
+PRETRAIN_BYTES = 350_000  # enough text for a tiny model to learn the language and the copying of the task
 TRAIN_ROWS, EVAL_ROWS = 2000, 100
 CALC_OPEN, CALC_CLOSE = "<|calc|>", "<|/calc|>"
 
@@ -131,19 +133,59 @@ def sentence(rng: random.Random, problem) -> str:
     return rng.choice(forms)
 
 
-def word_problem(rng: random.Random, problem) -> tuple[str, str]:
-    """(question, answer sentence) telling `problem` as a small story."""
+def story(rng: random.Random, problem) -> str:
+    """`problem` told as a small story with a question."""
     op, a, b = problem
-    name, things, c = rng.choice(NAMES), rng.choice(THINGS), answer(op, a, b)
-    work = f"{a} {op} {b} = {c}, so "
+    name, things = rng.choice(NAMES), rng.choice(THINGS)
     if op == "+":
-        story = f"{name} has {a} {things} and {rng.choice(GAIN).format(b=b, t=things)}."
-        return f"{story} How many {things} does {name} have now?", f"{work}{name} has {c} {things}."
+        return f"{name} has {a} {things} and {rng.choice(GAIN).format(b=b, t=things)}. How many {things} does " \
+               f"{name} have now?"
     if op == "-":
-        story = f"{name} has {a} {things} and {rng.choice(LOSE).format(b=b, t=things)}."
-        return f"{story} How many {things} are left?", f"{work}{c} {things} are left."
-    return f"There are {a} boxes with {b} {things} in each box. How many {things} are there?", \
-        f"{work}there are {c} {things}."
+        return f"{name} has {a} {things} and {rng.choice(LOSE).format(b=b, t=things)}. How many {things} are left?"
+    return f"There are {a} boxes with {b} {things} in each box. How many {things} are there?"
+
+
+# How a user asks: each kind of question needs the operands copied and the operation named. (Numbers spelt out in
+# words stay in the pretraining text only: reading them is a skill of its own, beyond this tiny model's budget.)
+# Stories and commands twice: their operands are not simply the first and second number ("Subtract 19 from 91.").
+KINDS = ("story", "story", "symbols", "op_word", "calculate", "work_out", "command", "command")
+# The eval rows cycle through the kinds (and through EVAL_OPS), so any first rows of chat_eval.jsonl mix them all.
+EVAL_KINDS = ("story", "op_word", "command", "symbols", "story", "calculate", "work_out")
+EVAL_OPS = "+-*+-+-*+-"
+
+
+def question(rng: random.Random, problem, kind: str | None = None) -> str:
+    """A user's question about `problem`, of `kind` (default: one of KINDS at random)."""
+    op, a, b = problem
+    kind = kind or rng.choice(KINDS)
+    if kind == "story":
+        return story(rng, problem)
+    if kind == "symbols":
+        return f"What is {a} {op} {b}?"
+    if kind == "op_word":
+        return f"What is {a} {OP_WORDS[op]} {b}?"
+    if kind == "calculate":
+        return f"Calculate {a} {op} {b}."
+    if kind == "work_out":
+        return f"Please work out {a} {OP_WORDS[op]} {b} for me."
+    return {"+": f"Add {a} and {b}.", "-": f"Subtract {b} from {a}.", "*": f"Multiply {a} by {b}."}[op]
+
+
+# Layouts of a question and its worked answer. Text of varying length between the two (as a chat's turn headers
+# will be) makes the base find the numbers by what they are, not by how far back they stand.
+LAYOUTS = (
+    "{q}\n{e} = {c}. The answer is {c}.",
+    "Question: {q}\nAnswer: {e} = {c}. The answer is {c}.",
+    "User: {q}\nAssistant: {e} = {c}. The answer is {c}.",
+    "{q}\nLet me work it out.\n{e} = {c}. So the answer is {c}.",
+    "{q} To find out, compute {e} = {c}. The answer is {c}.",
+)
+
+
+def restated(rng: random.Random, problem) -> str:
+    """A question followed by the expression it asks for, with its numbers: the skill a calculator call needs."""
+    op, a, b = problem
+    return rng.choice(LAYOUTS).format(q=question(rng, problem), e=f"{a} {op} {b}", c=answer(op, a, b))
 
 
 def filler(rng: random.Random) -> str:
@@ -160,15 +202,18 @@ def filler(rng: random.Random) -> str:
     return rng.choice(forms)()
 
 
+# Mostly questions restated as expressions: the base must learn to copy a question's numbers within its budget.
+DOCUMENT_KINDS = ("restated",) * 9 + ("math", "facts", "mix")
+
+
 def document(rng: random.Random, pick: Picker) -> str:
-    """One pretraining document: a paragraph of facts, of arithmetic, a list of word problems, or a mix."""
-    kind = rng.choice(("math", "math", "problems", "facts", "mix"))
+    """One pretraining document: questions with their expressions, a paragraph of arithmetic, of facts, or a mix."""
+    kind = rng.choice(DOCUMENT_KINDS)
     n = rng.randint(3, 8)
+    if kind == "restated":
+        return "\n".join(restated(rng, pick(rng)) for _ in range(rng.randint(2, 4)))
     if kind == "math":
         return " ".join(sentence(rng, pick(rng)) for _ in range(n))
-    if kind == "problems":
-        pairs = [word_problem(rng, pick(rng)) for _ in range(rng.randint(1, 3))]
-        return "\n".join(f"{q}\n{a}" for q, a in pairs)
     if kind == "facts":
         return " ".join(filler(rng) for _ in range(n))
     parts = [sentence(rng, pick(rng)) if rng.random() < 0.5 else filler(rng) for _ in range(n)]
@@ -183,31 +228,29 @@ def pretrain_text(rng: random.Random, pick: Picker) -> str:
     return "\n\n".join(docs) + "\n"
 
 
-def question(rng: random.Random, problem) -> str:
-    """A user's question about `problem`."""
+def chat_row(rng: random.Random, problem, kind: str | None = None) -> dict:
+    """A tool-use chat: the user asks, the assistant calls the calculator, the tool answers, the assistant answers."""
     op, a, b = problem
-    forms = [
-        f"What is {a} {op} {b}?",
-        f"What is {a} {OP_WORDS[op]} {b}?",
-        f"What is {words(a)} {OP_WORDS[op]} {words(b)}?",
-        f"Calculate {a} {op} {b}.",
-        f"Please work out {a} {op} {b} for me.",
-        word_problem(rng, problem)[0],
+    c = answer(op, a, b)
+    messages = [
+        {"role": "user", "content": question(rng, problem, kind)},
+        {"role": "assistant", "content": f"{CALC_OPEN}{a} {op} {b}{CALC_CLOSE}"},
+        {"role": "tool", "content": str(c)},
+        {"role": "assistant", "content": f"The answer is {c}."},
     ]
-    if op == "+":
-        forms.append(f"Add {a} and {b}.")
-    if op == "-":
-        forms.append(f"Subtract {b} from {a}.")
-    return rng.choice(forms)
-
-
-def chat_row(rng: random.Random, problem) -> dict:
-    op, a, b = problem
-    reply = f"{CALC_OPEN}{a} {op} {b}{CALC_CLOSE} The answer is {answer(op, a, b)}."
-    messages = [{"role": "user", "content": question(rng, problem)}, {"role": "assistant", "content": reply}]
     if rng.random() < 0.5:
         messages.insert(0, {"role": "system", "content": rng.choice(SYSTEMS)})
     return {"messages": messages}
+
+
+def split_problems(rng: random.Random) -> tuple[list, list]:
+    """(eval problems in the order of EVAL_OPS, the others): every operation is held out, not only the common ones."""
+    problems = all_problems()
+    rng.shuffle(problems)
+    by_op = {op: [p for p in problems if p[0] == op] for op in OP_WEIGHTS}
+    evaluation = [by_op[EVAL_OPS[i % len(EVAL_OPS)]].pop() for i in range(EVAL_ROWS)]
+    held = set(evaluation)
+    return evaluation, [p for p in problems if p not in held]
 
 
 def jsonl(rows: list[dict]) -> str:
@@ -221,9 +264,9 @@ editing the script, and the demo base model rebuilds because its cache key hashe
 
 | file | what it is |
 | --- | --- |
-| `pretrain.txt` | plain English ({pretrain_kb} KB) that `jaxtok.demo.ensure_demo_base` pretrains the tiny demo base model and its tokenizer on: arithmetic in words and digits ("Seventeen plus twenty-five is forty-two.", "17 + 25 = 42"), small word problems with answers, everyday facts and filler. Documents are separated by blank lines. No special tokens. |
-| `chat_train.jsonl` | {train} rows `{{"messages": [...]}}` (system optional, user, assistant) for fine-tuning: the assistant first calls a calculator with the new tokens, e.g. `<\\|calc\\|>17 + 25<\\|/calc\\|> The answer is 42.` |
-| `chat_eval.jsonl` | {eval} rows like the training rows, about problems (operation and numbers) that occur neither in `chat_train.jsonl` nor in `pretrain.txt`. |
+| `pretrain.txt` | plain English ({pretrain_kb} KB) that `jaxtok.demo.ensure_demo_base` pretrains the tiny demo base model and its tokenizer on: mostly questions and small word problems, each followed (in one of a few layouts) by the expression it asks for, with its numbers, and the answer ("Grace has 29 coins and finds 28 more coins. How many coins does Grace have now?" then "29 + 28 = 57. The answer is 57."), arithmetic in words and digits ("Seventeen plus twenty-five is forty-two.", "17 + 25 = 42"), everyday facts and filler. Documents are separated by blank lines. No special tokens. |
+| `chat_train.jsonl` | {train} rows `{{"messages": [...]}}` for fine-tuning: system (optional), user, assistant calling the calculator with the new tokens (`<\|calc\|>29 + 28<\|/calc\|>`), tool (the result, `57`), assistant (`The answer is 57.`). |
+| `chat_eval.jsonl` | {eval} rows like the training rows, about problems (operation and numbers) that occur neither in `chat_train.jsonl` nor in `pretrain.txt`. The rows cycle through the operations and the kinds of question (word problems, questions, commands; numbers in digits), so its first rows (the demo's held-out questions, `sample.heldout`) mix them all. |
 
 The base model never sees `<|calc|>`, `<|/calc|>` or the chat-template tokens `<|start_header_id|>`,
 `<|end_header_id|>`, `<|eot_id|>`: fine-tuning adds them (`jaxtok.demo.DEMO_TOKENS`) and trains their rows. The
@@ -234,13 +277,11 @@ rows are rendered with `jaxtok.demo.DEMO_CHAT_TEMPLATE`, a Llama 3 style chat te
 def generate() -> dict[str, str]:
     """File name -> content of every demo data file."""
     rng = random.Random(SEED)
-    problems = all_problems()
-    rng.shuffle(problems)
-    eval_problems, seen = problems[:EVAL_ROWS], problems[EVAL_ROWS:]
+    eval_problems, seen = split_problems(rng)
     pick = Picker(seen)
     pretrain = pretrain_text(rng, pick)
     train = [chat_row(rng, pick(rng)) for _ in range(TRAIN_ROWS)]
-    evaluation = [chat_row(rng, p) for p in eval_problems]
+    evaluation = [chat_row(rng, p, EVAL_KINDS[i % len(EVAL_KINDS)]) for i, p in enumerate(eval_problems)]
     readme = README.format(seed=SEED, pretrain_kb=len(pretrain.encode()) // 1000, train=TRAIN_ROWS, eval=EVAL_ROWS)
     return {"pretrain.txt": pretrain, "chat_train.jsonl": jsonl(train), "chat_eval.jsonl": jsonl(evaluation),
             "README.md": readme}

@@ -1,4 +1,5 @@
-"""The demo base model (built with a few steps only, once per session) and the shipped demo data."""
+"""The demo base model (built with a few steps only, once per session), the shipped demo data, and the calculator
+loop and held-out score on that base."""
 
 from __future__ import annotations
 
@@ -15,13 +16,19 @@ import torch
 import transformers
 
 import tiny
-from jaxtok import demo
+from jaxtok import chat, demo
 from jaxtok.convert import load_pretrained
+from jaxtok.data import encode
 from jaxtok.errors import JaxtokError
+from jaxtok.generate import generate
+from jaxtok.tokenizer import load_tokenizer
+from jaxtok.vocab import add_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2  # enough to exercise the build; the real recipe is timed by hand, not in CI
-CALC = re.compile(r"<\|calc\|>(\d+) ([-+*]) (\d+)<\|/calc\|> The answer is (\d+)\.")
+CALL = re.compile(r"<\|calc\|>(\d+) ([-+*]) (\d+)<\|/calc\|>")
+ANSWER = re.compile(r"The answer is (-?\d+)\.")
+HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +132,7 @@ def test_checkpoint_loads_in_jaxtok_and_transformers(built):
     model, params = load_pretrained(str(path))
     config = model.config
     assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
-        128, 4, 4, 2, 32)
+        128, 2, 4, 4, 32)
     assert config.tie_word_embeddings and config.vocab_size == demo.VOCAB_SIZE
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -141,7 +148,10 @@ def test_tokenizer(built):
     ids = tokenizer("17 + 25 = 42")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == "17 + 25 = 42"
-    assert "42" not in tokenizer.convert_ids_to_tokens(ids)  # one digit per token
+    # numbers in pieces of up to three digits, as Llama 3 splits them; the demo's numbers are mostly one token each
+    assert tokenizer.tokenize("17 + 25 = 42") == ["17", "Ġ+", "Ġ", "25", "Ġ=", "Ġ", "42"]
+    assert tokenizer.tokenize("1234") == ["123", "4"]
+    assert sum(len(tokenizer.tokenize(str(n))) == 1 for n in range(200)) >= 190
     vocab = tokenizer.get_vocab()
     assert not any(token in vocab for token in demo.DEMO_TOKENS)
 
@@ -189,18 +199,42 @@ def test_chat_rows_call_the_calculator():
     for name, data in (("train", train), ("eval", evaluation)):
         problems[name] = set()
         for row in data:
-            roles = [m["role"] for m in row["messages"]]
-            assert roles in (["user", "assistant"], ["system", "user", "assistant"])
-            assert "<|" not in "".join(m["content"] for m in row["messages"][:-1])
-            match = CALC.fullmatch(row["messages"][-1]["content"])
+            messages = row["messages"]
+            roles = [m["role"] for m in messages]
+            assert roles in (["user", "assistant", "tool", "assistant"], ["system", "user", "assistant", "tool",
+                                                                          "assistant"])
+            user, call, tool, final = [m["content"] for m in messages[-4:]]
+            assert "<|" not in user and "<|" not in tool
+            match = CALL.fullmatch(call)
             assert match, row
-            a, op, b, c = match.groups()
-            assert eval(f"{a} {op} {b}") == int(c)  # the digits-only regex makes eval safe here
+            a, op, b = match.groups()
+            assert int(tool) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert final == f"The answer is {tool}."
             problems[name].add((a, op, b))
     assert not problems["train"] & problems["eval"]
     pretrain = demo.demo_data_path("pretrain.txt").read_text(encoding="utf-8")
     for a, op, b in problems["eval"]:  # nor does pretraining show the eval problems (in digits)
         assert not re.search(rf"(?<!\d){re.escape(f'{a} {op} {b}')}(?!\d)", pretrain), (a, op, b)
+    # the held-out questions the demo asks (the first 10 eval rows) cover every operation and word problems
+    first = [row["messages"] for row in evaluation[:10]]
+    assert {CALL.fullmatch(m[-3]["content"]).group(2) for m in first} == {"+", "-", "*"}
+    assert sum(" has " in m[-4]["content"] or " boxes " in m[-4]["content"] for m in first) >= 2
+
+
+def test_tool_conversation_renders_and_masks_both_replies(built):
+    """The template renders the tool turn like any other; the loss mask covers the two assistant replies only."""
+    _, path = built
+    tokenizer = load_tokenizer(str(path))
+    tokenizer.add_tokens(list(demo.DEMO_TOKENS), special_tokens=True)
+    row = rows("chat_train.jsonl")[0]
+    messages = row["messages"][-4:]
+    ids, mask = encode({"messages": messages}, tokenizer, "messages", demo.DEMO_CHAT_TEMPLATE)
+    user, call, tool, final = [m["content"] for m in messages]
+    assert tokenizer.decode(ids) == (
+        f"<|begin_of_text|>{HEADER.format('user')}{user}<|eot_id|>{HEADER.format('assistant')}{call}<|eot_id|>"
+        f"{HEADER.format('tool')}{tool}<|eot_id|>{HEADER.format('assistant')}{final}<|eot_id|>"
+    )
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == f"{call}<|eot_id|>{final}<|eot_id|>"
 
 
 def test_pretrain_text_has_no_special_tokens():
@@ -208,6 +242,103 @@ def test_pretrain_text_has_no_special_tokens():
     assert 100_000 < len(text) < 1_000_000
     assert "<|" not in text and "|>" not in text
     assert "Seventeen" in text or "seventeen" in text
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def demo_chat(built):
+    """A `chat.Chat` on the STEPS-step base with the demo tokens added (their rows from the demo's descriptions)."""
+    _, path = built
+    model, params = load_pretrained(str(path))
+    tokenizer = load_tokenizer(str(path))
+    params, config, _ = add_tokens(tokenizer, params, model.config, demo.DEMO_TOKENS, demo.DEMO_TOKEN_DESCRIPTIONS)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    return chat.Chat(model.clone(config=config), {"params": params}, tokenizer, demo.DEMO_CHAT_TEMPLATE, 6, eot)
+
+
+def test_tool_loop_on_the_demo_base(demo_chat, monkeypatch):
+    """On a real model: each round is one batched generate call whose replies are what each prompt alone gives,
+    cut at the end of turn; a call is run and its result goes back as a tool turn, exactly."""
+    tokenizer, eot = demo_chat.tokenizer, demo_chat.stop_id
+    rounds = []
+
+    def spy(model, variables, prompts, max_new_tokens, **kwargs):
+        outputs = generate(model, variables, prompts, max_new_tokens, **kwargs)
+        rounds.append((prompts, [list(o) for o in outputs]))
+        if len(rounds) == 1:  # an untrained base never calls: the first question's reply becomes a call
+            outputs[0] = tokenizer("<|calc|>23 + 19<|/calc|><|eot_id|>", add_special_tokens=False)["input_ids"]
+        return outputs
+
+    monkeypatch.setattr(chat, "generate", spy)
+    conversations = [[{"role": "user", "content": "What is 23 plus 19?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 5 and 7."}]]
+    added = chat.converse(demo_chat, conversations)
+
+    first_prompts, first_outputs = rounds[0]
+    opening = f"<|begin_of_text|>{HEADER.format('user')}What is 23 plus 19?<|eot_id|>{HEADER.format('assistant')}"
+    assert tokenizer.decode(first_prompts[0]) == opening
+    assert added[0][:2] == [{"role": "assistant", "content": "<|calc|>23 + 19<|/calc|>"},
+                            {"role": "tool", "content": "42"}]
+    second_prompts, second_outputs = rounds[1]
+    assert tokenizer.decode(second_prompts[0]) == (
+        f"{opening}<|calc|>23 + 19<|/calc|><|eot_id|>{HEADER.format('tool')}42<|eot_id|>{HEADER.format('assistant')}")
+    # the second conversation goes on only if the model's own reply happened to call the calculator
+    assert len(second_prompts) == 1 + (calculator_called := "<|/calc|>" in added[1][0]["content"])
+    assert len(added[1]) == (3 if calculator_called else 1)
+    # replies are the model's greedy tokens, as each prompt alone gives them, decoded without the end of turn
+    for prompt, output, message in ((first_prompts[1], first_outputs[1], added[1][0]),
+                                    (second_prompts[0], second_outputs[0], added[0][2])):
+        alone = generate(demo_chat.model, demo_chat.variables, [prompt], demo_chat.max_new_tokens, eos_id=eot)[0]
+        assert output == alone
+        assert message == {"role": "assistant",
+                           "content": tokenizer.decode([t for t in alone if t != eot]).strip()}
+
+
+def test_demo_job_reports_the_held_out_score(built, tmp_path, capsys, monkeypatch):
+    """configs/demo.py end to end on the STEPS-step base, with scripted replies (an untrained model answers nothing
+    right): the job runs the calls, and the score it prints and writes is the count of right final answers."""
+    import runpy
+
+    from jaxtok.train import run
+
+    _, path = built
+    config = runpy.run_path(str(REPO / "configs" / "demo.py"))["get_config"]()
+    config.model.path, config.output_dir = str(path), str(tmp_path / "run")
+    config.train.steps, config.data.eval, config.export.peft, config.export.merged = 2, "", False, False
+    config.sample.heldout_rows = 4
+    evaluation = [row["messages"][-4:] for row in rows("chat_eval.jsonl")[:4]]
+    tokenizer = load_tokenizer(str(path))
+    tokenizer.add_tokens(list(demo.DEMO_TOKENS), special_tokens=True)  # the job's ids for the new tokens
+
+    def scripted(model, variables, prompts, max_new_tokens, **kwargs):
+        """Calls with the question's own expression; then the right answer for even rows, one more for odd ones."""
+        outputs = []
+        for ids in prompts:
+            text = tokenizer.decode(ids)
+            if "What is 23 plus 19?" in text:
+                reply = "<|calc|>23 + 19<|/calc|>" if "tool" not in text else "The answer is 42."
+            else:
+                i = next(i for i, (user, *_) in enumerate(evaluation) if user["content"] in text)
+                call, tool = evaluation[i][1]["content"], int(evaluation[i][2]["content"])
+                reply = call if "tool" not in text else f"The answer is {tool + i % 2}."
+            outputs.append(tokenizer(reply + "<|eot_id|>", add_special_tokens=False)["input_ids"])
+        return outputs
+
+    monkeypatch.setattr(chat, "generate", scripted)
+    run(config)
+    printed = capsys.readouterr().out
+    assert ("sample: 'What is 23 plus 19?' -> assistant '<|calc|>23 + 19<|/calc|>' -> tool '42' -> "
+            "assistant 'The answer is 42.'") in printed
+    assert "held-out questions: 2/4 right" in printed and "held-out calculator calls: 4/4 right" in printed
+    result = json.loads((tmp_path / "run" / "heldout.json").read_text())
+    assert (result["right"], result["calls_right"], result["total"]) == (2, 4, 4)
+    for i, (question, (user, call, tool, _)) in enumerate(zip(result["questions"], evaluation)):
+        assert question["prompt"][-1] == user and question["expected"] == tool["content"]
+        assert question["added"] == [call, tool, {"role": "assistant",
+                                                  "content": f"The answer is {int(tool['content']) + i % 2}."}]
+        assert question["right"] == (i % 2 == 0) and question["call_right"]
 
 
 def test_missing_data_file_is_a_user_error():

@@ -144,6 +144,9 @@ def _bad_inputs(files: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--config.optim.token_lr=inf"], "optim.token_lr"),
         (["--config.model.dtype=float8"], "model.dtype"),
         ([f"--config.output_dir={tmp_path / 'a_file'}"], "is a file"),
+        (["--config.sample.calculator=True"], "need chat data (messages), not text"),
+        ([f"--config.sample.heldout={tmp_path / 'broken.jsonl'}"], "need chat data (messages), not text"),
+        (["--config.sample.heldout=x.jsonl", "--config.sample.heldout_rows=0"], "sample.heldout_rows"),
     ]
 
 
