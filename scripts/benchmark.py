@@ -80,7 +80,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -161,8 +161,8 @@ def step_flops(shape: Shape, variant: str, rank: int = RANK, rows: int = len(TOK
 
     Attention is counted in full (T x T), not as a causal half, since the masked XLA kernel computes all of it. Not
     counted: norms, RoPE, softmax, the optimizer, the embedding lookup and its scatter-add gradient, and work an
-    implementation chooses to do again (jaxtok's fused loss recomputes the logits in the backward; remat recomputes
-    layers). The first layer's input gradient is counted although LoRA alone does not need it (within 1/L).
+    implementation chooses to do again (remat recomputes layers). The first layer's input gradient is counted although
+    LoRA alone does not need it (within 1/L).
     """
     if variant not in VARIANTS:
         raise JaxtokError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -194,18 +194,6 @@ def token_batch(shape: Shape, seed: int = SEED):
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def remat_value(remat: str) -> Any:
-    """`Llama.remat` as this checkout's Llama takes it: a policy name, or a bool in versions before policies."""
-    from jaxtok.model import Llama
-
-    default = {f.name: f.default for f in dataclasses.fields(Llama)}.get("remat")
-    if not isinstance(default, bool):
-        return remat
-    if remat == "dots":
-        raise JaxtokError("--remat dots needs a jaxtok whose Llama.remat takes a policy; this one is on/off only")
-    return remat == "full"
 
 
 def timed_steps(run, warmup: int, steps: int) -> list[float]:
@@ -242,7 +230,7 @@ def jaxtok_worker(spec: dict) -> dict:
                          max_position_embeddings=max(s.seq_len, 2048))
     dtype = jnp.dtype(spec["dtype"])
     model = Llama(config, dtype=dtype, param_dtype=dtype, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets="all-linear"),
-                  token_rows=TokenRows(TOKEN_IDS if variant == "lora+rows" else ()), remat=remat_value(spec["remat"]),
+                  token_rows=TokenRows(TOKEN_IDS if variant == "lora+rows" else ()), remat=spec["remat"],
                   attention_impl=spec["attention"] or None, loss_chunk=spec["loss_chunk"])
 
     def draw(path, leaf):  # norm scales one, other weights normal(0, 0.02): a seeded block repeated over the leaf

@@ -101,24 +101,6 @@ def test_the_1b_shape_is_llama_3_2_1b():
     assert params == 1_235_814_400  # Llama-3.2-1B's parameter count (tied head)
 
 
-def test_remat_is_passed_as_the_model_takes_it(monkeypatch):
-    import dataclasses
-
-    import jaxtok.model
-
-    default = {f.name: f.default for f in dataclasses.fields(jaxtok.model.Llama)}["remat"]
-    assert benchmark.remat_value("full") == ("full" if isinstance(default, str) else True)
-
-    @dataclasses.dataclass
-    class OnOff:  # a Llama from before remat policies
-        remat: bool = False
-
-    monkeypatch.setattr(jaxtok.model, "Llama", OnOff)
-    assert benchmark.remat_value("none") is False and benchmark.remat_value("full") is True
-    with pytest.raises(benchmark.JaxtokError, match="dots"):
-        benchmark.remat_value("dots")
-
-
 @pytest.mark.parametrize("args, message", [
     (("--shape", "XL"), "error: unknown shape 'XL'; choose from tiny, S, M, 1b"),
     (("--shape", "tiny", "--variants", "lora,full"), "error: unknown variant 'full'"),
