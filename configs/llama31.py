@@ -14,12 +14,13 @@ def get_config():
     c = default_config()
     c.model.path = "meta-llama/Llama-3.1-8B"  # untied head, vocab 128,256
     c.model.dtype = "bfloat16"
-    c.model.remat = True  # 32 layers: recompute activations to fit
+    c.model.remat = "full"  # 32 layers: recompute activations to fit
     c.data.train = "trl-lib/Capybara"
     c.data.eval = "trl-lib/Capybara"
     c.data.format = "messages"
     c.data.chat_template = DEFAULT_CHAT_TEMPLATE
     c.tokens.train = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    c.tokens.train_untrained = True  # and any other untrained row the data use (reserved tokens): found, not listed
     c.tokens.train_head = "all"  # the untied head's rows of these tokens are untrained as well
     c.lora.rank = 16
     c.lora.alpha = 32.0

@@ -20,6 +20,7 @@ def get_config():
     c.data.format = "messages"  # loss on assistant turns only
     c.data.chat_template = DEFAULT_CHAT_TEMPLATE  # the base tokenizer has no chat template
     c.tokens.train = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")  # untrained in the base
+    c.tokens.train_untrained = True  # and any other untrained row the data use (reserved tokens): found, not listed
     c.lora.rank = 16
     c.lora.alpha = 32.0
     c.lora.targets = "all-linear"

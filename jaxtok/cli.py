@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable
 
-from jaxtok.errors import JaxtokError
+from jaxtok.errors import JaxtokError, Stopped
+
+# A disk that cannot take a write: the user's problem to fix (free space, permissions), not a bug to trace.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Runs `main`; a `JaxtokError` prints `error: <message>` and exits with status 2, without a traceback."""
+    """Runs `main`; a `JaxtokError`, or a write the disk refuses, prints `error: <message>` and exits with status 2,
+    without a traceback. A run stopped by a signal prints where to resume and exits with 128 + the signal."""
     try:
         main()
     except JaxtokError as e:
         print(f"error: {e}", file=sys.stderr)
+        _exit(2)
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        _exit(e.code)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: could not write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         _exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,6 +4,10 @@ Each row names an HF tensor (`{i}` is the layer index), the path of our paramete
 two layouts. HF stores Linear weights as [out, in]; we store kernels as [in, out] with heads split out, so einsums read
 `btd,dnh->btnh`. Per-layer tensors are stacked on our leading `layers` axis.
 
+The other families of `llama_config.FAMILIES` name their tensors as Llama does; what they add are rows whose
+parameter only some configs have (biases, Qwen3's q/k norms). A row is expected exactly when the model of the
+config.json has its parameter, so the same table serves every family with the same strictness.
+
 Loading checks that every tensor of the checkpoint is used, every parameter is filled and every shape is right, and
 names the tensor and file when not. Export (later) runs the same table backwards.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -53,6 +58,8 @@ TRANSFORMS = {
         lambda w: w.transpose(2, 0, 1).reshape(w.shape[2], -1),
         lambda s: (s[2], s[0] * s[1]),
     ),
+    # a bias [out features] <-> the projection's out_shape ([X, H] for q/k/v, [D] or [F] for the others)
+    "flatten": Transform(lambda w, s: w.reshape(s), lambda w: w.reshape(-1), lambda s: (math.prod(s),)),
 }
 
 
@@ -70,6 +77,8 @@ TABLE = (
     Rule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k_proj", "kernel"), "split_out_heads"),
     Rule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v_proj", "kernel"), "split_out_heads"),
     Rule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o_proj", "kernel"), "split_in_heads"),
+    Rule("model.layers.{i}.self_attn.q_norm.weight", ("layers", "attn", "q_norm", "scale"), "same"),  # Qwen3
+    Rule("model.layers.{i}.self_attn.k_norm.weight", ("layers", "attn", "k_norm", "scale"), "same"),  # Qwen3
     Rule("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), "same"),
     Rule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), "transpose"),
     Rule("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), "transpose"),
@@ -77,6 +86,9 @@ TABLE = (
     Rule("model.norm.weight", ("final_norm", "scale"), "same"),
     Rule("lm_head.weight", ("lm_head",), "transpose"),  # untied heads only
 )
+# Each projection's bias, beside its weight: [out] <-> out_shape (configs with `biases` only).
+TABLE += tuple(Rule(r.hf.removesuffix(".weight") + ".bias", r.ours[:-1] + ("bias",), "flatten")
+               for r in TABLE if r.ours[-1] == "kernel")
 
 # Tensors some checkpoints carry that hold nothing to load: RoPE buffers of old conversions, and the copy of the
 # embedding that some tied checkpoints also save as lm_head.weight.
@@ -163,7 +175,8 @@ def load_hf_params(model_dir: Path, model: Llama, allow_pickle: bool = False, sh
             buffers[rule.ours] = _write_layer(sharding)(buffers[rule.ours], layer, value)
         seen.add(name)
     if unexpected:
-        raise JaxtokError(f"checkpoint has tensors that a Llama of this config.json does not: {_list(unexpected)}")
+        raise JaxtokError(f"checkpoint has tensors that a {config.architecture} of this config.json does not: "
+                          f"{_list(unexpected)}")
     missing = sorted(expected - seen)
     if missing:
         raise JaxtokError(f"checkpoint lacks tensors: {_list(missing)}")
@@ -210,7 +223,8 @@ def load_pretrained(
     path_or_id: str, dtype: str = "float32", compute_dtype: str | None = None, allow_pickle: bool = False,
     mesh=None, **model_kw
 ) -> tuple[Llama, dict]:
-    """Loads an HF Llama checkpoint: returns the module and its frozen `params` tree (sharded over `mesh` if given).
+    """Loads an HF checkpoint of a family of `llama_config.FAMILIES`: returns the module and its frozen `params` tree
+    (sharded over `mesh` if given).
 
     `dtype` is the dtype of the frozen weights; `compute_dtype` (default: the same) the dtype of activations.
     """

@@ -51,6 +51,26 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
+# ChatML, the layout of Qwen's chat models (Qwen2, Qwen2.5, Qwen3), as a template that only appends: without the
+# default system prompt of Qwen2.5's template and the reasoning blocks that Qwen3's rewrites in earlier turns, either
+# of which would keep assistant turns from being located.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Mistral's instruction layout (<s>[INST] user [/INST] reply</s>), as a template that only appends: every message but
+# a reply is an instruction (Mistral's own template folds a system message into the last user turn instead).
+MISTRAL_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first %}<s>{% endif %}"
+    "{%- if message['role'] == 'assistant' %}{{ ' ' + message['content'] + '</s>' }}"
+    "{%- else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+    "{%- endfor %}"
+)
+
 Example = tuple[list[int], list[int]]  # (token ids, loss mask)
 
 

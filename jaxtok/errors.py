@@ -8,3 +8,12 @@ ordinary exceptions, so they still show a traceback.
 
 class JaxtokError(Exception):
     """A problem with the user's input; the message names the problem and, where possible, the fix."""
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving a checkpoint: `message` says where to resume, `code` is the exit
+    status (128 + the signal's number, as a shell reports a process killed by it)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

@@ -1,7 +1,12 @@
-"""Evaluation loss: mean next-token cross-entropy over every predicted token of every row.
+"""Evaluation loss: mean next-token cross-entropy over every predicted token of every row; and the accuracy on new
+tokens.
 
 Rows are summed, not averaged per row: eval_loss = (sum over rows of their summed token losses) / (number of predicted
 tokens), the definition `scripts/eval.py` documents and that PyTorch users get with `reduction="sum"`.
+
+new_token_acc = (targets whose id is one of `new_ids` and that are their position's argmax) / (targets whose id is
+one of `new_ids`): whether the model produces the added or trained tokens where the data has them. It is None where
+no target is a new token.
 """
 
 from __future__ import annotations
@@ -48,40 +53,44 @@ def tokenize_texts(tokenizer, texts: Iterable[str], seq_len: int) -> list[list[i
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _loss_sum(model: Llama, variables, tokens_BT, positions_BT, segments_BT, loss_mask_BT):
-    loss, _ = model.apply(variables, tokens_BT, positions_BT, segments_BT, loss_mask_BT=loss_mask_BT)
-    return loss
+def _loss_sum(model: Llama, variables, tokens_BT, positions_BT, segments_BT, loss_mask_BT, hit_mask_BT):
+    sums, _ = model.apply(variables, tokens_BT, positions_BT, segments_BT, loss_mask_BT=loss_mask_BT,
+                          hit_mask_BT=hit_mask_BT)
+    return sums
 
 
 def evaluate_sequences(model: Llama, variables: dict, sequences: dict, batch_size: int = 8, progress=True,
-                       place=jnp.asarray) -> dict:
-    """{"eval_loss", "tokens"} over sequences (`tokens`, `positions`, `segment_ids`, `loss_mask`, each [N, T]).
+                       place=jnp.asarray, new_ids: Sequence[int] = ()) -> dict:
+    """{"eval_loss", "tokens", "new_token_acc", "new_tokens"} over sequences (`tokens`, `positions`, `segment_ids`,
+    `loss_mask`, each [N, T]); `new_tokens` counts the targets that are one of `new_ids`.
 
     The batch shape is fixed ([batch_size, T], the last batch padded with empty rows), so it compiles once. `place`
     puts a [batch_size, T] host array on the devices (on a mesh: split over its batch axes).
     """
-    total, count = 0.0, 0
+    total, count, hits, scored = 0.0, 0, 0, 0
     N, T = sequences["tokens"].shape
     keys = ("tokens", "positions", "segment_ids", "loss_mask")
     for start in tqdm(range(0, N, batch_size), desc="eval", disable=not progress, leave=False):
-        batch = []
+        parts = {}
         for key in keys:
-            part = np.zeros((batch_size, T), np.int32)
+            parts[key] = np.zeros((batch_size, T), np.int32)
             rows = np.asarray(sequences[key][start : start + batch_size])
-            part[: len(rows)] = rows
-            batch.append(place(part))
-        loss_sum, n = _loss_sum(model, variables, *batch)
-        total += float(loss_sum)
-        count += int(n)
+            parts[key][: len(rows)] = rows
+        parts["hit_mask"] = parts["loss_mask"] * np.isin(parts["tokens"], np.asarray(new_ids, np.int64))
+        sums = _loss_sum(model, variables, *(place(parts[key]) for key in (*keys, "hit_mask")))
+        loss_sum, n, h, s = (float(x) for x in sums)
+        total, count, hits, scored = total + loss_sum, count + int(n), hits + int(h), scored + int(s)
     if count == 0:
         raise JaxtokError("no row has two or more tokens, so there is nothing to predict")
-    return {"eval_loss": total / count, "tokens": count}
+    return {"eval_loss": total / count, "tokens": count, "new_token_acc": hits / scored if scored else None,
+            "new_tokens": scored}
 
 
 def evaluate(
-    model: Llama, variables: dict, rows: Sequence[Sequence[int]], seq_len: int, batch_size: int = 8, progress=True
+    model: Llama, variables: dict, rows: Sequence[Sequence[int]], seq_len: int, batch_size: int = 8, progress=True,
+    new_ids: Sequence[int] = (),
 ) -> dict:
-    """{"eval_loss", "tokens"} over `rows` (token id lists of at most seq_len), every token after the first a target."""
+    """`evaluate_sequences` over `rows` (token id lists of at most seq_len), every token after the first a target."""
     N = len(rows)
     tokens = np.zeros((N, seq_len), np.int32)
     segments = np.zeros((N, seq_len), np.int32)
@@ -90,4 +99,4 @@ def evaluate(
         segments[b, : len(row)] = 1
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (N, seq_len))
     sequences = dict(tokens=tokens, positions=positions, segment_ids=segments, loss_mask=segments)
-    return evaluate_sequences(model, variables, sequences, batch_size, progress)
+    return evaluate_sequences(model, variables, sequences, batch_size, progress, new_ids=new_ids)

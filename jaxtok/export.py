@@ -22,13 +22,14 @@ from jaxtok.errors import JaxtokError
 from jaxtok.llama_config import LlamaConfig
 from jaxtok.merge import merge_adapters
 from jaxtok.model import Llama
-from jaxtok.peft_format import adapter_config, check_shapes, to_peft
+from jaxtok.peft_format import TRAINABLE_TOKENS, adapter_config, check_shapes, peft_type_of, to_peft
 
 SAFETENSORS_METADATA = {"format": "pt"}
 
 
 def hf_config(config: LlamaConfig, dtype: str, bos_token_id=None, eos_token_id=None) -> dict:
-    """config.json for `LlamaForCausalLM` in the transformers-4 spelling, which transformers 4 and 5 both read."""
+    """config.json for the config's family (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...) in the transformers-4
+    spelling, which transformers 4 and 5 both read."""
     rope = config.rope
     rope_scaling = None
     if rope.type != "default":
@@ -37,8 +38,7 @@ def hf_config(config: LlamaConfig, dtype: str, bos_token_id=None, eos_token_id=N
             rope_scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
                                 original_max_position_embeddings=rope.original_max_position_embeddings)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **config.to_hf(),  # architectures, model_type and the family's keys: biases, q/k norm, sliding window
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -52,8 +52,6 @@ def hf_config(config: LlamaConfig, dtype: str, bos_token_id=None, eos_token_id=N
         "rope_scaling": rope_scaling,
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
         "torch_dtype": dtype,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
@@ -108,6 +106,11 @@ def export_peft(out_dir, model: Llama, adapters: dict, base_model: str, tokenize
                 added_ids: Sequence[int] = (), overwrite: bool = False) -> Path:
     """A PEFT adapter directory: adapter_config.json, adapter_model.safetensors, README.md, and the tokenizer.
 
+    A model with LoRA gives a LoRA adapter (its token rows as `trainable_token_indices`); a model with token rows and
+    `lora=None` gives PEFT's standalone trainable-tokens adapter (`TrainableTokensConfig`, peft_type
+    TRAINABLE_TOKENS), which has one list of ids for every layer: an untied head must then train the embedding's ids,
+    or rows of its own with no embedding rows, or none.
+
     `base_model` is what `base_model_name_or_path` records (a Hub id or path of the base checkpoint). `added_ids` are
     the ids of tokens added to the base's vocabulary (`jaxtok.vocab.add_tokens`); then `tokenizer` must be given,
     and the adapter must hold the rows of those tokens, since PEFT users resize the base, which fills new rows with
@@ -124,10 +127,10 @@ def export_peft(out_dir, model: Llama, adapters: dict, base_model: str, tokenize
                           "train them (tokens.train_head: added) or export a merged checkpoint instead")
     if added_ids and tokenizer is None:
         raise JaxtokError("tokens were added, so the adapter needs its tokenizer; pass tokenizer=")
-    config = adapter_config(model, base_model)  # refuses a model without LoRA
+    config = adapter_config(model, base_model)  # refuses what PEFT cannot express
     adapters = jax.device_get(adapters)
     check_shapes(adapters, model)
-    tensors = to_peft(adapters)
+    tensors = to_peft(adapters, peft_type_of(model), model.config.tie_word_embeddings)
     with atomic_directory(out_dir, overwrite) as tmp:
         _write_json(tmp / "adapter_config.json", config)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=SAFETENSORS_METADATA)
@@ -150,20 +153,25 @@ def _special_ids(tokenizer) -> tuple[Optional[int], Optional[int]]:
 
 def _model_card(base_model: str, model: Llama, tokens_added: bool) -> str:
     lora, rows = model.lora, model.token_rows
+    standalone = peft_type_of(model) == TRAINABLE_TOKENS
     lines = [
         "---",
         f"base_model: {json.dumps(base_model)}",  # a JSON string is a YAML string, whatever characters it holds
         "library_name: peft",
-        "tags: [lora, jaxtok]",
+        f"tags: [{'trainable-tokens' if standalone else 'lora'}, jaxtok]",
         "---",
         "",
-        "# LoRA adapter trained with jaxtok",
+        f"# {'Trainable-tokens' if standalone else 'LoRA'} adapter trained with jaxtok",
         "",
-        f"Base model: `{base_model}`. LoRA rank {lora.rank}, alpha {lora.alpha:g}"
-        f"{' (rsLoRA)' if lora.rslora else ''}, on {', '.join(lora.targets)}.",
     ]
+    if standalone:
+        lines.append(f"Base model: `{base_model}`. No LoRA: PEFT's `TrainableTokensConfig` (trained token rows only).")
+    else:
+        lines.append(f"Base model: `{base_model}`. LoRA rank {lora.rank}, alpha {lora.alpha:g}"
+                     f"{' (rsLoRA)' if lora.rslora else ''}, on {', '.join(lora.targets)}.")
+    key = "token_indices" if standalone else "trainable_token_indices"
     if rows.embed_ids:
-        lines.append(f"Trained embedding rows (PEFT `trainable_token_indices`): {list(rows.embed_ids)}.")
+        lines.append(f"Trained embedding rows (PEFT `{key}`): {list(rows.embed_ids)}.")
     if rows.head_ids:
         lines.append(f"Trained rows of the (untied) output head: {list(rows.head_ids)}.")
     lines += ["", "Load it with PEFT:", "", "```python", "from peft import AutoPeftModelForCausalLM", "",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator, Optional
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -23,17 +23,17 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or the local snapshot of a Hub repository."""
+def resolve_model_dir(path_or_id: str | os.PathLike, what: str = "model") -> Path:
+    """A local checkpoint directory, or the local snapshot of a Hub repository; errors call it a `what` directory."""
     path_or_id = str(path_or_id)
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise JaxtokError(f"model path {path} is a file; pass the checkpoint's directory")
+        raise JaxtokError(f"{what} path {path} is a file; pass the checkpoint's directory")
     looks_local = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     if looks_local:
-        raise JaxtokError(f"model directory {path} does not exist; pass a checkpoint directory or a Hub id (org/name)")
+        raise JaxtokError(f"{what} directory {path} does not exist; pass a {what} directory or a Hub id (org/name)")
     try:
         from huggingface_hub import snapshot_download
 
@@ -87,17 +87,20 @@ def _pickle_files(model_dir: Path) -> list[Path]:
     return [model_dir / "pytorch_model.bin"]
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, np.ndarray]]:
-    """Yields (name, file, array) one tensor at a time, so peak host memory is one tensor, not the model."""
+def iter_tensors(files: list[Path], names: Optional[Collection[str]] = None) -> Iterator[tuple[str, Path, np.ndarray]]:
+    """Yields (name, file, array) one tensor at a time, so peak host memory is one tensor, not the model; with
+    `names`, only those tensors (safetensors files read only their bytes)."""
     for path in files:
         if path.suffix == ".bin":
-            yield from _iter_pickle(path)
+            yield from ((n, p, a) for n, p, a in _iter_pickle(path) if names is None or n in names)
             continue
         if os.path.getsize(path) < 8:
             raise JaxtokError(f"{path} is truncated or corrupt ({os.path.getsize(path)} bytes); download it again")
         try:
             with safe_open(str(path), framework="numpy") as f:
                 for name in f.keys():
+                    if names is not None and name not in names:
+                        continue
                     # get_slice reads bfloat16 into ml_dtypes, which get_tensor's numpy path cannot.
                     yield name, path, f.get_slice(name)[:]
         except SafetensorError as e:

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxtok.errors import JaxtokError
+from jaxtok.llama_config import PROJECTIONS
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default for Llama
+TARGETS = PROJECTIONS["attn"] + PROJECTIONS["mlp"]  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default for Llama, and for Mistral, Qwen2 and Qwen3 alike
 
 
 @dataclasses.dataclass(frozen=True)

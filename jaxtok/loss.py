@@ -17,7 +17,8 @@ most of the step where the vocabulary dominates:
 
 The gradient of W is written out like the others, so training the whole head (`lora+full`) works; when W is frozen
 nothing consumes it and XLA drops that product (tests/test_memory.py checks the compiled step's buffers).
-Evaluation (no differentiation) runs the loss alone.
+Evaluation (no differentiation) runs the loss alone, and can count from the same logits how many targets are the
+argmax (`hit_mask_BT`: the accuracy on the new tokens).
 
 Both functions return the sum of the token losses and the number of targets, not the mean, so callers add up
 micro-batches and evaluation batches exactly.
@@ -86,10 +87,12 @@ def auto_chunk(batch: int, length: int, vocab: int, budget: Optional[int] = None
 
 
 def fused_next_token_loss(head: Head, x_BTD: jnp.ndarray, tokens_BT: jnp.ndarray, target_mask_BT: jnp.ndarray,
-                          chunk: int = 0):
+                          chunk: int = 0, hit_mask_BT: Optional[jnp.ndarray] = None):
     """What `next_token_loss(head.logits(x), tokens, mask)` returns, computed C positions at a time.
 
     `chunk` is C; 0 chooses it with `auto_chunk`. The sequence is padded to a multiple of C with weightless positions.
+    With `hit_mask_BT` (targets to score, like `target_mask_BT`), returns (sum, count, hits, scored): `hits` counts
+    the scored targets that are their position's argmax. That path is for evaluation (it is not differentiated).
     """
     B, T, _ = x_BTD.shape
     V = head.weight.shape[0 if head.layout == "vd" else 1]
@@ -104,8 +107,13 @@ def fused_next_token_loss(head: Head, x_BTD: jnp.ndarray, tokens_BT: jnp.ndarray
         targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
         weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
     delta_KD = head.delta_KD if head.ids else jnp.zeros((0, x_BTD.shape[-1]), jnp.float32)
-    total = _chunked_loss(head.layout, head.ids, C, x_BTD, head.weight, delta_KD, targets_BT, weights_BT)
-    return total, jnp.sum(weights_BT)
+    if hit_mask_BT is None:
+        total = _chunked_loss(head.layout, head.ids, C, x_BTD, head.weight, delta_KD, targets_BT, weights_BT)
+        return total, jnp.sum(weights_BT)
+    scored_BT = jnp.pad(hit_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1 + pad)))
+    total, _, hits = _forward(head.layout, head.ids, C, x_BTD, head.weight, delta_KD, targets_BT, weights_BT, False,
+                              scored_BT)
+    return total, jnp.sum(weights_BT), hits, jnp.sum(scored_BT)
 
 
 def _chunks(a, C):
@@ -125,20 +133,24 @@ def _chunk_logits(layout, ids, x_BCD, weight, delta_KD):
     return logits_BCV
 
 
-def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads: bool):
-    """The summed loss; with `with_grads`, also its gradients (for a cotangent of 1), from the same logits."""
+def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads: bool, scored_BT=None):
+    """(summed loss, its gradients for a cotangent of 1 or None, hits or None), from the same logits: the gradients
+    with `with_grads`, and the number of targets marked in `scored_BT` that are their position's argmax."""
     dtype = x_BTD.dtype
     index = jnp.asarray(ids, jnp.int32)
+    if scored_BT is None:
+        scored_BT = jnp.zeros_like(weights_BT)
 
     def body(carry, xs):
-        total, d_weight, d_delta_KD = carry
-        x_BCD, targets_BC, weights_BC = xs
+        total, hits, d_weight, d_delta_KD = carry
+        x_BCD, targets_BC, weights_BC, scored_BC = xs
         logits_BCV = _chunk_logits(layout, ids, x_BCD, weight, delta_KD)
         log_z_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
         total = total + jnp.sum((log_z_BC - picked_BC) * weights_BC)
         if not with_grads:
-            return (total, d_weight, d_delta_KD), None
+            hit_BC = jnp.argmax(logits_BCV, axis=-1) == targets_BC
+            return (total, hits + jnp.sum(hit_BC * scored_BC), d_weight, d_delta_KD), None
         # softmax minus one-hot, weighted: the gradient of the chunk's loss with respect to its logits
         d_logits_BCV = jnp.exp(logits_BCV - log_z_BC[..., None]) * weights_BC[..., None]
         onehot_BCV = jax.nn.one_hot(targets_BC, logits_BCV.shape[-1], dtype=jnp.bool_)
@@ -152,17 +164,18 @@ def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, wi
             d_x_BCD = d_x_BCD + jnp.einsum("bck,kd->bcd", d_rows_BCK, delta_KD.astype(dtype),
                                            preferred_element_type=jnp.float32)
             d_delta_KD = d_delta_KD + jnp.einsum("bck,bcd->kd", d_rows_BCK, x_BCD, preferred_element_type=jnp.float32)
-        return (total, d_weight, d_delta_KD), d_x_BCD
+        return (total, hits, d_weight, d_delta_KD), d_x_BCD
 
     shape = (weight.shape, delta_KD.shape) if with_grads else ((), ())
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(shape[0], jnp.float32), jnp.zeros(shape[1], jnp.float32))
-    xs = (_chunks(x_BTD, C), _chunks(targets_BT, C), _chunks(weights_BT, C))
-    (total, d_weight, d_delta_KD), d_x_NBCD = jax.lax.scan(body, init, xs)
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, zero, jnp.zeros(shape[0], jnp.float32), jnp.zeros(shape[1], jnp.float32))
+    xs = (_chunks(x_BTD, C), _chunks(targets_BT, C), _chunks(weights_BT, C), _chunks(scored_BT, C))
+    (total, hits, d_weight, d_delta_KD), d_x_NBCD = jax.lax.scan(body, init, xs)
     if not with_grads:
-        return total, None
+        return total, None, hits
     B, T, D = x_BTD.shape
     d_x_BTD = jnp.moveaxis(d_x_NBCD, 0, 1).reshape(B, T, D)
-    return total, (d_x_BTD.astype(dtype), d_weight.astype(weight.dtype), d_delta_KD.astype(delta_KD.dtype))
+    return total, (d_x_BTD.astype(dtype), d_weight.astype(weight.dtype), d_delta_KD.astype(delta_KD.dtype)), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -171,7 +184,7 @@ def _chunked_loss(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_B
 
 
 def _chunked_loss_fwd(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
-    total, grads = _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads=True)
+    total, grads, _ = _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads=True)
     return total, grads
 
 

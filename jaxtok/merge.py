@@ -33,7 +33,9 @@ def merge_adapters(model: Llama, params: dict, adapters: dict, dtype: Optional[A
                                    precision=jax.lax.Precision.HIGHEST) * scaling
             delta = jnp.swapaxes(delta_LOI, 1, 2).reshape(kernel.shape)
             out = dtype or kernel.dtype
-            merged["layers"][block][name] = {"kernel": (kernel.astype(jnp.float32) + delta).astype(out)}
+            # a bias, if any, is frozen: it stays as it is
+            merged["layers"][block][name] = {**merged["layers"][block][name],
+                                             "kernel": (kernel.astype(jnp.float32) + delta).astype(out)}
     tables = adapters.get("tokens", {})
     rows = model.token_rows
     if "embed" in tables:

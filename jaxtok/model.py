@@ -1,4 +1,5 @@
-"""A Flax (linen) Llama that computes what transformers' `LlamaForCausalLM` computes.
+"""A Flax (linen) Llama that computes what transformers' `LlamaForCausalLM` computes, and with the fields of
+`LlamaConfig` for their differences (biases, q/k norms, sliding windows) what Mistral, Qwen2 and Qwen3 compute.
 
 Shape legend, used in names and einsum strings throughout jaxtok:
     B batch, T query length, S key length, D hidden, N query heads, K kv heads, H head dim, F mlp, V vocab, L layers,
@@ -14,6 +15,9 @@ Design choices:
   so training differentiates those pytrees only and never copies or updates the base.
 * Attention takes explicit positions and segment ids: segment 0 marks padding, and keys are visible only to queries
   of the same segment, so left padding and packed documents need no special code.
+* A sliding window is counted in slots of the sequence (or cache), as transformers counts it; each layer's window is
+  a value scanned with the layer (0: full attention), so layers of different kinds stay one scan.
+* Biases and q/k norm scales are frozen `params` like the kernels they belong to.
 """
 
 from __future__ import annotations
@@ -44,13 +48,16 @@ def _param(module: nn.Module, name: str, shape, axes: tuple[str, ...], dtype, in
 
 
 class RMSNorm(nn.Module):
+    """Over the last axis, whose logical name is `axis` (D, or H for Qwen3's per-head q/k norms)."""
+
     eps: float
     dtype: Any
     param_dtype: Any
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x_BTD):
-        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("embed",), self.param_dtype, nn.initializers.ones)
+        scale_D = _param(self, "scale", (x_BTD.shape[-1],), (self.axis,), self.param_dtype, nn.initializers.ones)
         # HF normalises in float32, casts back, then scales in the activation dtype.
         x32 = x_BTD.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -58,7 +65,8 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-    """A frozen linear map `kernel` (named like HF's module: q_proj, ..., down_proj) plus its LoRA branch if targeted.
+    """A frozen linear map `kernel` (named like HF's module: q_proj, ..., down_proj), its frozen `bias` [*out_shape]
+    if `bias`, plus its LoRA branch if targeted.
 
     `spec` is the einsum of input and kernel, e.g. "btd,dnh->btnh"; the kernel's shape is in_shape + out_shape.
     """
@@ -71,12 +79,16 @@ class Projection(nn.Module):
     lora: Optional[LoraConfig]
     dtype: Any
     param_dtype: Any
+    bias: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         shape, axes = self.in_shape + self.out_shape, self.in_axes + self.out_axes
         kernel = _param(self, "kernel", shape, axes, self.param_dtype)
         y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
+        if self.bias:
+            y = y + _param(self, "bias", self.out_shape, self.out_axes, self.param_dtype,
+                           nn.initializers.zeros).astype(self.dtype)
         if self.lora is None or self.name not in self.lora.targets:
             return y
         B, T = x.shape[:2]
@@ -99,11 +111,13 @@ class Attention(nn.Module):
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
         kv = dict(spec="btd,dkh->btkh", in_shape=(D,), out_shape=(K, H), in_axes=("embed",),
                     out_axes=("kv_heads", "head_dim"), **kw)
-        q_BTNH = Projection("btd,dnh->btnh", (D,), (N, H), ("embed",), ("heads", "head_dim"), name="q_proj", **kw)(
-            x_BTD, train
-        )
-        k_BTKH = Projection(name="k_proj", **kv)(x_BTD, train)
-        v_BTKH = Projection(name="v_proj", **kv)(x_BTD, train)
+        q_BTNH = Projection("btd,dnh->btnh", (D,), (N, H), ("embed",), ("heads", "head_dim"), name="q_proj",
+                            bias="q_proj" in c.biases, **kw)(x_BTD, train)
+        k_BTKH = Projection(name="k_proj", bias="k_proj" in c.biases, **kv)(x_BTD, train)
+        v_BTKH = Projection(name="v_proj", bias="v_proj" in c.biases, **kv)(x_BTD, train)
+        if c.qk_norm:  # Qwen3: each head normalised over H, before RoPE
+            norm = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, axis="head_dim")
+            q_BTNH, k_BTKH = RMSNorm(name="q_norm", **norm)(q_BTNH), RMSNorm(name="k_norm", **norm)(k_BTKH)
         q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
@@ -115,9 +129,8 @@ class Attention(nn.Module):
         out_BTNH = jax.nn.dot_product_attention(
             q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None, :, :], implementation=self.attention_impl
         )
-        out_BTD = Projection("btnh,nhd->btd", (N, H), (D,), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(
-            out_BTNH, train
-        )
+        out_BTD = Projection("btnh,nhd->btd", (N, H), (D,), ("heads", "head_dim"), ("embed",), name="o_proj",
+                             bias="o_proj" in c.biases, **kw)(out_BTNH, train)
         return out_BTD, kv_cache
 
 
@@ -129,13 +142,13 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, train=False):
-        D, F = self.config.hidden_size, self.config.intermediate_size
+        D, F, biases = self.config.hidden_size, self.config.intermediate_size, self.config.biases
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
         up = dict(spec="btd,df->btf", in_shape=(D,), out_shape=(F,), in_axes=("embed",), out_axes=("mlp",), **kw)
-        h_BTF = nn.silu(Projection(name="gate_proj", **up)(x_BTD, train)) * Projection(name="up_proj", **up)(
-            x_BTD, train
-        )
-        return Projection("btf,fd->btd", (F,), (D,), ("mlp",), ("embed",), name="down_proj", **kw)(h_BTF, train)
+        h_BTF = nn.silu(Projection(name="gate_proj", bias="gate_proj" in biases, **up)(x_BTD, train)) * Projection(
+            name="up_proj", bias="up_proj" in biases, **up)(x_BTD, train)
+        return Projection("btf,fd->btd", (F,), (D,), ("mlp",), ("embed",), name="down_proj",
+                          bias="down_proj" in biases, **kw)(h_BTF, train)
 
 
 class DecoderLayer(nn.Module):
@@ -147,9 +160,12 @@ class DecoderLayer(nn.Module):
     train: bool = False  # an attribute, not an argument, so it stays a Python bool inside the scan
 
     @nn.compact
-    def __call__(self, x_BTD, cos, sin, mask_BTS, cache_index, kv_cache):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, cache_index, kv_cache, window):
+        """`window`: this layer's sliding window (a traced scalar, 0 for full attention), or None: no layer slides."""
         train = self.train
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if window is not None:
+            mask_BTS = mask_BTS & sliding_window_mask(mask_BTS.shape[1], mask_BTS.shape[2], cache_index, window)[None]
         h_BTD = RMSNorm(c.rms_norm_eps, name="attn_norm", **kw)(x_BTD)
         h_BTD, kv_cache = Attention(c, self.lora, attention_impl=self.attention_impl, name="attn", **kw)(
             h_BTD, cos, sin, mask_BTS, kv_cache, cache_index, train
@@ -160,11 +176,21 @@ class DecoderLayer(nn.Module):
 
 
 def attention_mask(q_segment_BT, kv_segment_BS, cache_index=0) -> jnp.ndarray:
-    """[B, T, S] boolean: causal over cache slots, within one segment, never to padding (segment 0)."""
+    """[B, T, S] boolean: causal over cache slots, within one segment, never to padding (segment 0).
+
+    The query of position t sits in slot cache_index + t, key s in slot s (the whole sequence, or the cache)."""
     T, S = q_segment_BT.shape[1], kv_segment_BS.shape[1]
     causal_TS = jnp.arange(S)[None, :] <= (cache_index + jnp.arange(T))[:, None]
     same_BTS = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
     return causal_TS[None] & same_BTS & (kv_segment_BS != 0)[:, None, :]
+
+
+def sliding_window_mask(T: int, S: int, cache_index, window) -> jnp.ndarray:
+    """[T, S] boolean, slots as in `attention_mask`: key slot s is within `window` of query slot q when
+    s > q - window (transformers' `sliding_window_overlay`): with the causal mask, a query sees itself and the
+    window - 1 keys before it. `window` 0 keeps every key (a layer of full attention)."""
+    q_T1 = cache_index + jnp.arange(T)[:, None]
+    return (jnp.arange(S)[None, :] > q_T1 - window) | (window == 0)
 
 
 class Llama(nn.Module):
@@ -192,11 +218,14 @@ class Llama(nn.Module):
         train: bool = False,
         loss_mask_BT: Optional[jnp.ndarray] = None,
         last_only: bool = False,
+        hit_mask_BT: Optional[jnp.ndarray] = None,
     ) -> tuple[Any, Optional[Cache]]:
         """Returns logits [B, T, V] (compute dtype) and, when a cache is given, the cache with these tokens written.
 
         With `loss_mask_BT`, returns instead of logits the (sum, count) of the next-token cross-entropy over the
         targets the mask marks, from the fused chunked head + loss of `jaxtok.loss`: no [B, T, V] logits are made.
+        With `hit_mask_BT` as well (evaluation), (sum, count, hits, scored): how many of the targets it marks are
+        their position's argmax.
         `last_only` returns the logits of the last position only, [B, 1, V] (generation). `train` turns on LoRA
         dropout (needs a `dropout` rng).
         """
@@ -226,21 +255,22 @@ class Llama(nn.Module):
         layer = DecoderLayer
         if self.remat != "none":
             layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
+        windows_L = jnp.asarray(c.layer_windows, jnp.int32) if c.layer_windows else None
         layers = nn.scan(
             layer,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * 4 + (0,),
+            in_axes=(nn.broadcast,) * 4 + (0, 0),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.lora, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
           train=train, name="layers")
-        x_BTD, kv_cache = layers(x_BTD, cos, sin, mask_BTS, cache_index, kv_cache)
+        x_BTD, kv_cache = layers(x_BTD, cos, sin, mask_BTS, cache_index, kv_cache, windows_L)
 
         x_BTD = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x_BTD)
         head = self._head(embedding_VD, embed_table_KD)
         if loss_mask_BT is not None:
-            out = fused_next_token_loss(head, x_BTD, tokens_BT, loss_mask_BT, self.loss_chunk)
+            out = fused_next_token_loss(head, x_BTD, tokens_BT, loss_mask_BT, self.loss_chunk, hit_mask_BT)
         else:
             out = head.logits(x_BTD[:, -1:] if last_only else x_BTD)
 

@@ -8,21 +8,27 @@ per-layer tensors. Token tables are PEFT's `trainable_tokens_delta` as they are 
     tokens/embed [K, D]                  <->  base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta
     tokens/head  [K, D]                  <->  base_model.model.lm_head.token_adapter.trainable_tokens_delta
 
-Config: `LoraConfig` <-> r, lora_alpha, lora_dropout, use_rslora, target_modules; `TokenRows` <->
-trainable_token_indices, a list (embedding, and a tied head with it) or {"embed_tokens": [...], "lm_head": [...]}
-when an untied head trains rows of its own. Everything else PEFT can express but jaxtok cannot compute is refused
-by name on import rather than silently dropped.
+Two adapter types:
+* "LORA" (a model with `lora`): `LoraConfig` <-> r, lora_alpha, lora_dropout, use_rslora, target_modules;
+  `TokenRows` <-> trainable_token_indices, a list (embedding, and a tied head with it) or
+  {"embed_tokens": [...], "lm_head": [...]} when an untied head trains rows of its own.
+* "TRAINABLE_TOKENS" (PEFT's standalone `TrainableTokensConfig`; a model with `lora=None` and token rows): one
+  `token_indices` list for every layer in `target_modules` (embed_tokens, lm_head). The tables are not wrapped in a
+  `token_adapter` (`...embed_tokens.trainable_tokens_delta`), and a tied lm_head saves the embedding's table a second
+  time under its own name. An untied head therefore trains the embedding's ids, or rows of its own with no embedding
+  rows, or none.
+Everything else PEFT can express but jaxtok cannot compute is refused by name on import rather than silently dropped.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from jaxtok.errors import JaxtokError
-from jaxtok.llama_config import LlamaConfig
+from jaxtok.llama_config import PROJECTIONS, LlamaConfig
 from jaxtok.lora import DEFAULT_TARGETS, TARGETS, LoraConfig
 from jaxtok.model import Llama
 from jaxtok.tokens import TokenRows
@@ -30,12 +36,27 @@ from jaxtok.tokens import TokenRows
 PREFIX = "base_model.model."
 _BLOCKS = {"attn": "self_attn", "mlp": "mlp"}
 _MATRICES = {"a": "lora_A", "b": "lora_B"}
-BLOCK_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
-            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-TOKEN_TENSORS = {
-    "embed": PREFIX + "model.embed_tokens.token_adapter.trainable_tokens_delta",
-    "head": PREFIX + "lm_head.token_adapter.trainable_tokens_delta",
-}
+BLOCK_OF = {module: block for block, modules in PROJECTIONS.items() for module in modules}
+LORA, TRAINABLE_TOKENS = "LORA", "TRAINABLE_TOKENS"  # the peft_type values jaxtok reads and writes
+# The layers that hold token tables, by their module names in transformers' LlamaForCausalLM.
+TOKEN_LAYERS = {"embed": "model.embed_tokens", "head": "lm_head"}
+
+
+def token_tensor_names(peft_type: str = LORA) -> dict[str, str]:
+    """table ("embed", "head") -> PEFT's tensor name: LoRA wraps the table in a `token_adapter`, the standalone
+    TRAINABLE_TOKENS method puts it on the layer itself."""
+    wrapper = ".token_adapter" if peft_type == LORA else ""
+    return {table: f"{PREFIX}{layer}{wrapper}.trainable_tokens_delta" for table, layer in TOKEN_LAYERS.items()}
+
+
+TOKEN_TENSORS = token_tensor_names(LORA)
+
+
+def peft_type_of(model: Llama) -> str:
+    """The adapter type `model` exports as: LoRA (with any token rows), or trainable tokens alone."""
+    return LORA if model.lora is not None else TRAINABLE_TOKENS
+
+
 _LORA_NAME = re.compile(
     re.escape(PREFIX) + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(lora_A|lora_B)\.weight$"
 )
@@ -44,9 +65,11 @@ _LORA_NAME = re.compile(
 _FULL_MATRIX = re.compile(r".*(embed_tokens|lm_head)(\.token_adapter)?(\.base_layer)?\.weight$")
 
 
-def to_peft(adapters: dict) -> dict[str, np.ndarray]:
-    """PEFT tensor name -> float32 array, for the `lora` and `tokens` collections of `adapters`."""
+def to_peft(adapters: dict, peft_type: str = LORA, tied: bool = False) -> dict[str, np.ndarray]:
+    """PEFT tensor name -> float32 array, for the `lora` and `tokens` collections of `adapters`, named as an adapter of
+    `peft_type` names them; `tied`: the base ties its head to the embedding."""
     tensors = {}
+    names = token_tensor_names(peft_type)
     for block, modules in adapters.get("lora", {}).get("layers", {}).items():
         for module, matrices in modules.items():
             for matrix, stacked in matrices.items():
@@ -55,18 +78,22 @@ def to_peft(adapters: dict) -> dict[str, np.ndarray]:
                     name = f"{PREFIX}model.layers.{i}.{_BLOCKS[block]}.{module}.{_MATRICES[matrix]}.weight"
                     tensors[name] = stacked[i]
     for table, rows in adapters.get("tokens", {}).items():
-        tensors[TOKEN_TENSORS[table]] = np.asarray(rows, np.float32)
+        tensors[names[table]] = np.asarray(rows, np.float32)
+    if peft_type == TRAINABLE_TOKENS and tied and "embed" in adapters.get("tokens", {}):
+        # PEFT's tied lm_head shares the embedding's table, and its state dict holds it under the head's name too
+        tensors[names["head"]] = tensors[names["embed"]].copy()
     return tensors
 
 
-def from_peft(tensors: dict[str, np.ndarray], num_layers: int) -> dict:
+def from_peft(tensors: dict[str, np.ndarray], num_layers: int, peft_type: str = LORA, tied: bool = False) -> dict:
     """The inverse of `to_peft`: PEFT tensors -> {"lora": ..., "tokens": ...} with layers stacked, float32."""
     per_layer: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
     adapters: dict = {}
     blocks = {v: k for k, v in _BLOCKS.items()}
     matrices = {v: k for k, v in _MATRICES.items()}
+    names = token_tensor_names(peft_type)
     for name, array in tensors.items():
-        table = next((t for t, n in TOKEN_TENSORS.items() if name == n), None)
+        table = next((t for t, n in names.items() if name == n), None)
         if table is not None:
             adapters.setdefault("tokens", {})[table] = np.asarray(array, np.float32)
             continue
@@ -97,6 +124,13 @@ def from_peft(tensors: dict[str, np.ndarray], num_layers: int) -> dict:
         adapters.setdefault("lora", {}).setdefault("layers", {}).setdefault(block, {}).setdefault(module, {})[
             matrix
         ] = stacked
+    tables = adapters.get("tokens", {})
+    if peft_type == TRAINABLE_TOKENS and tied and "head" in tables:
+        # the tied head's copy of the embedding's table (PEFT loads both names into one shared tensor)
+        head = tables.pop("head")
+        if not np.array_equal(tables.setdefault("embed", head), head):
+            raise JaxtokError(f"{names['head']} differs from {names['embed']}, but the base ties its head to the "
+                              "embedding, so PEFT would load one of them for both; keep the embedding's table only")
     return adapters
 
 
@@ -114,11 +148,10 @@ def lora_shapes(config: LlamaConfig, lora: LoraConfig) -> dict[str, dict[str, tu
 
 def adapter_config(model: Llama, base_model: str) -> dict:
     """`adapter_config.json` as PEFT writes it for `model.lora` and `model.token_rows` (keys known since PEFT 0.15,
-    so older releases read it without warnings)."""
+    so older releases read it without warnings): a LoRA adapter, or with `lora=None` a TRAINABLE_TOKENS one."""
     lora, rows = model.lora, model.token_rows
     if lora is None:
-        raise JaxtokError("PEFT's LoRA format needs at least one LoRA target module; train with LoRA, or export "
-                          "a merged checkpoint instead")
+        return _trainable_tokens_config(model, base_model)
     if rows.head_ids:
         # dict form: PEFT wraps the head with a table of its own only when it is named.
         token_indices: Any = {"lm_head": list(rows.head_ids)}
@@ -152,11 +185,47 @@ def adapter_config(model: Llama, base_model: str) -> dict:
     }
 
 
+def standalone_targets(rows: TokenRows) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(target_modules, token_indices) of the TRAINABLE_TOKENS adapter for `rows`: PEFT gives every targeted layer
+    the same list of ids. (A tied head is no target of its own: PEFT ties its table to the embedding's.)"""
+    targeted = {table: ids for table, ids in (("embed", rows.embed_ids), ("head", rows.head_ids)) if ids}
+    if not targeted:
+        raise JaxtokError("the model has neither LoRA nor token rows, so there is no adapter to export; train LoRA "
+                          "or token rows, or export a merged checkpoint instead")
+    if len(set(targeted.values())) > 1:
+        raise JaxtokError(f"PEFT's TrainableTokensConfig has one token_indices list for every layer, but the untied "
+                          f"head trains rows {list(rows.head_ids)} and the embedding {list(rows.embed_ids)}; train "
+                          "the same ids in both (tokens.train_head=all), or add LoRA (its adapters name one list "
+                          "per layer), or export a merged checkpoint")
+    modules = tuple(TOKEN_LAYERS[table].rsplit(".", 1)[-1] for table in targeted)  # PEFT matches name suffixes
+    return modules, next(iter(targeted.values()))
+
+
+def _trainable_tokens_config(model: Llama, base_model: str) -> dict:
+    target_modules, token_indices = standalone_targets(model.token_rows)
+    return {
+        # with no task_type, AutoPeftModelForCausalLM finds the base model's class here
+        "auto_mapping": {"base_model_class": model.config.architecture,
+                         "parent_library": f"transformers.models.{model.config.model_type}.modeling_"
+                                           f"{model.config.model_type}"},
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "init_weights": True,
+        "peft_type": TRAINABLE_TOKENS,
+        "revision": None,
+        "target_modules": list(target_modules),
+        "task_type": None,
+        "token_indices": list(token_indices),
+    }
+
+
 # Keys read here, and keys that are harmless whatever their value (metadata, or settings of init methods that only
 # matter while PEFT creates a fresh adapter). Any other key set to something other than null/false/{}/[] is a
 # feature jaxtok does not compute, and is refused by name.
 _READ = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
          "trainable_token_indices", "bias", "init_lora_weights"}
+# TRAINABLE_TOKENS: init_weights only chose the tables' starting values
+_READ_TOKENS = {"peft_type", "task_type", "token_indices", "target_modules", "init_weights"}
 _HARMLESS = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
              "layers_pattern", "megatron_core", "megatron_config", "loftq_config", "eva_config", "corda_config",
              "lora_ga_config", "qalora_group_size", "ensure_weight_tying"}
@@ -165,19 +234,23 @@ _HARMLESS = {"base_model_name_or_path", "revision", "inference_mode", "peft_vers
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
-def read_adapter_config(config: dict, base: LlamaConfig) -> tuple[LoraConfig, TokenRows]:
-    """The `LoraConfig` and `TokenRows` an `adapter_config.json` describes for a base with config `base`."""
+def read_adapter_config(config: dict, base: LlamaConfig) -> tuple[Optional[LoraConfig], TokenRows]:
+    """The `LoraConfig` and `TokenRows` an `adapter_config.json` describes for a base with config `base`; the
+    `LoraConfig` is None for PEFT's standalone trainable tokens (peft_type TRAINABLE_TOKENS)."""
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise JaxtokError(f"adapter_config.json has peft_type {peft_type!r}; jaxtok reads LoRA adapters "
-                          "(peft_type \"LORA\") only")
+    if peft_type not in (LORA, TRAINABLE_TOKENS):
+        raise JaxtokError(f"adapter_config.json has peft_type {peft_type!r}; jaxtok reads LoRA (\"LORA\") and "
+                          "trainable-tokens (\"TRAINABLE_TOKENS\") adapters only")
     task = config.get("task_type")
     if task not in (None, "CAUSAL_LM"):
         raise JaxtokError(f"adapter_config.json has task_type {task!r}; jaxtok loads causal LM adapters (CAUSAL_LM)")
+    read = _READ if peft_type == LORA else _READ_TOKENS
     for key, value in config.items():
-        if key not in _READ and key not in _HARMLESS and value not in (None, False, {}, [], ""):
+        if key not in read and key not in _HARMLESS and value not in (None, False, {}, [], ""):
             raise JaxtokError(f"adapter_config.json sets {key}={value!r}, which jaxtok does not support; "
                               "use an adapter trained without it")
+    if peft_type == TRAINABLE_TOKENS:
+        return None, _standalone_rows(config, base)
     if config.get("bias", "none") != "none":
         raise JaxtokError(f"adapter_config.json sets bias={config['bias']!r}, which jaxtok does not support; "
                           "use an adapter trained with bias='none'")
@@ -220,6 +293,69 @@ def _targets(target_modules) -> tuple[str, ...]:
     return tuple(targets)
 
 
+def _standalone_rows(config: dict, base: LlamaConfig) -> TokenRows:
+    """TRAINABLE_TOKENS: the one `token_indices` list, for every layer `target_modules` names."""
+    ids = config.get("token_indices")
+    if not isinstance(ids, list) or not ids:
+        raise JaxtokError(f"adapter_config.json has token_indices={ids!r}; a trainable-tokens adapter needs a "
+                          "non-empty list of token ids")
+    tables = _token_targets(config.get("target_modules"), base.num_layers)
+    if base.tie_word_embeddings and "head" in tables:
+        # PEFT gives a tied head the embedding's table by itself; naming lm_head too either trains head rows apart
+        # from the tied embedding's, or (both named) gives a model PEFT 0.21 cannot run
+        raise JaxtokError("adapter_config.json targets lm_head, but the base ties its head to the embedding; jaxtok "
+                          "trains a tied head's rows with the embedding's (target embed_tokens only)")
+    return _checked_rows(TokenRows(ids if "embed" in tables else (), ids if "head" in tables else ()), base)
+
+
+def _token_targets(target_modules, num_layers: int) -> set[str]:
+    """The tables ("embed", "head") whose layers `target_modules` names, matched as PEFT matches them: a string is a
+    regular expression for whole module names, a list entry a module name or a suffix of one."""
+    if target_modules is None:
+        return {"embed"}  # PEFT then targets the input embedding
+    if isinstance(target_modules, str):
+        entries = [target_modules]
+
+        def matches(entry: str, name: str) -> bool:
+            try:
+                return re.fullmatch(entry, name) is not None
+            except re.error:
+                raise JaxtokError(f"adapter_config.json has target_modules={entry!r}, which is not a valid regular "
+                                  "expression") from None
+    else:
+        entries = [str(entry) for entry in target_modules]
+
+        def matches(entry: str, name: str) -> bool:
+            return name == entry or name.endswith("." + entry)
+
+    if not entries:
+        raise JaxtokError("adapter_config.json has an empty target_modules list; name embed_tokens or lm_head")
+    layers = {name: table for table, name in TOKEN_LAYERS.items()}
+    tables = set()
+    for entry in entries:
+        hits = [name for name in _hf_module_names(num_layers) if matches(entry, name)]
+        other = [name for name in hits if name not in layers]
+        if other:
+            raise JaxtokError(f"adapter_config.json targets {entry!r}, which matches {other[0]}; jaxtok trains token "
+                              "rows of embed_tokens and lm_head only")
+        if not hits:
+            raise JaxtokError(f"adapter_config.json targets {entry!r}, which names no module of a Llama; jaxtok "
+                              "trains token rows of embed_tokens and lm_head")
+        tables.update(layers[name] for name in hits)
+    return tables
+
+
+def _hf_module_names(num_layers: int) -> list[str]:
+    """The module names of transformers' LlamaForCausalLM (the ones PEFT matches target_modules against)."""
+    names = ["model", "model.layers", "model.norm", "model.rotary_emb", *TOKEN_LAYERS.values()]
+    for i in range(num_layers):
+        layer = f"model.layers.{i}"
+        names += [layer, f"{layer}.self_attn", f"{layer}.mlp", f"{layer}.mlp.act_fn", f"{layer}.input_layernorm",
+                  f"{layer}.post_attention_layernorm"]
+        names += [f"{layer}.{_BLOCKS[BLOCK_OF[module]]}.{module}" for module in TARGETS]
+    return names
+
+
 def _token_rows(indices, base: LlamaConfig) -> TokenRows:
     if indices is None:
         return TokenRows()
@@ -245,6 +381,10 @@ def _token_rows(indices, base: LlamaConfig) -> TokenRows:
         rows = TokenRows(embed_ids, head_ids)
     else:
         raise JaxtokError(f"trainable_token_indices must be a list or a dict of lists (got {indices!r})")
+    return _checked_rows(rows, base)
+
+
+def _checked_rows(rows: TokenRows, base: LlamaConfig) -> TokenRows:
     for ids in (rows.embed_ids, rows.head_ids):
         for i in ids:
             if i >= base.vocab_size:
@@ -273,15 +413,16 @@ def check_shapes(adapters: dict, model: Llama) -> None:
             if tuple(array.shape) != shape:
                 raise JaxtokError(f"adapter's {name} has shape {list(array.shape[1:])} per layer, but r and the base's "
                                   f"config.json imply {list(shape[1:])}")
-    tables = adapters.get("tokens", {})
+    tables, names = adapters.get("tokens", {}), token_tensor_names(peft_type_of(model))
+    keys = "trainable_token_indices" if model.lora is not None else "token_indices with target_modules"
     for table, ids in (("embed", model.token_rows.embed_ids), ("head", model.token_rows.head_ids)):
-        name = TOKEN_TENSORS[table]
+        name = names[table]
         if not ids:
             if table in tables:
                 raise JaxtokError(f"adapter has {name}, but adapter_config.json names no token ids for it")
             continue
         if table not in tables:
-            raise JaxtokError(f"adapter_model.safetensors lacks {name}, which trainable_token_indices implies")
+            raise JaxtokError(f"adapter_model.safetensors lacks {name}, which {keys} implies")
         if tuple(tables[table].shape) != (len(ids), c.hidden_size):
             raise JaxtokError(f"{name} has shape {list(tables[table].shape)}, but {len(ids)} ids and hidden size "
                               f"{c.hidden_size} imply {[len(ids), c.hidden_size]}")

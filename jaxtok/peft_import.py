@@ -1,4 +1,5 @@
-"""Reading a PEFT LoRA adapter (with or without trainable tokens) into jaxtok, without torch.
+"""Reading a PEFT adapter into jaxtok, without torch: LoRA (with or without trainable tokens), or PEFT's standalone
+trainable tokens (`TrainableTokensConfig`), which gives a model with `lora=None` and token rows.
 
     model, params = load_pretrained(BASE)
     model, adapters = load_peft_adapter(ADAPTER_DIR, model, params)
@@ -20,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from jaxtok.errors import JaxtokError
 from jaxtok.hf_io import read_json, resolve_model_dir
 from jaxtok.model import Llama
-from jaxtok.peft_format import check_shapes, from_peft, read_adapter_config
+from jaxtok.peft_format import check_shapes, from_peft, peft_type_of, read_adapter_config
 from jaxtok.vocab import grow_vocab
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,20 +29,22 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def load_peft_adapter(adapter_dir: str | os.PathLike, base_model: Llama, params: dict) -> tuple[Llama, dict]:
-    """(model with the adapter's LoRA config and token rows, adapters {"lora": ..., "tokens": ...}).
+    """(model with the adapter's LoRA config (None for a trainable-tokens adapter) and token rows, adapters
+    {"lora": ..., "tokens": ...}).
 
     `adapter_dir` is a directory PEFT's `save_pretrained` wrote (or a Hub id); `base_model` and `params` are the base
     it was trained on, as `load_pretrained` returns them. Features jaxtok does not compute are refused by name.
     """
-    directory = resolve_model_dir(adapter_dir)
+    directory = resolve_model_dir(adapter_dir, "adapter")
     config = read_json(directory / ADAPTER_CONFIG, "PEFT adapter")
     lora, rows = read_adapter_config(config, base_model.config)
     vocab_rows = np.shape(params["embed"])[0]
     if vocab_rows != base_model.config.vocab_size:
         raise JaxtokError(f"params hold {vocab_rows} embedding rows but the model's config says "
                           f"{base_model.config.vocab_size}; pass the params that belong to base_model")
-    adapters = from_peft(_read_tensors(directory), base_model.config.num_layers)
     model = base_model.clone(lora=lora, token_rows=rows)
+    c = base_model.config
+    adapters = from_peft(_read_tensors(directory), c.num_layers, peft_type_of(model), c.tie_word_embeddings)
     check_shapes(adapters, model)
     return model, {name: _to_jax(tree) for name, tree in adapters.items()}
 
@@ -83,7 +86,7 @@ def apply_adapter(adapter_dir, base_model: Llama, params: dict, base_tokenizer) 
     it ships one (tokens were added), with the base grown to that tokenizer's size first, as PEFT users do."""
     from jaxtok.tokenizer import load_tokenizer
 
-    directory = resolve_model_dir(adapter_dir)
+    directory = resolve_model_dir(adapter_dir, "adapter")
     tokenizer = base_tokenizer
     if any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = load_tokenizer(str(directory))

@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokens.add = ()  # new special tokens (strings) added to the tokenizer and trained as token rows
     c.tokens.descriptions = ()  # optional, one per added token: its row starts as the mean of this text's rows
     c.tokens.train = ()  # existing tokens (strings or ids) whose rows train, e.g. Llama 3's untrained chat tokens
-    c.tokens.train_head = "added"  # untied heads: which head rows train: added, all (added + train) or none
+    c.tokens.train_head = "added"  # untied heads: which head rows train: added (+ untrained), all or none
+    c.tokens.train_untrained = False  # also train the base's untrained rows (zero or tiny norm) the data use
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16  # LoRA rank r
@@ -55,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.max_grad_norm = 1.0  # clip the global gradient norm; 0 turns clipping off
 
     c.train = ml_collections.ConfigDict()
+    c.train.method = "lora+rows"  # what trains: lora, lora+rows, lora+full (whole embedding and head) or rows (no LoRA)
     c.train.steps = 1000  # optimizer steps
     c.train.batch_size = 8  # sequences per micro-batch (global, over all devices and hosts)
     c.train.grad_accum = 1  # micro-batches per optimizer step
@@ -64,7 +66,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.save_every = 200  # checkpoint every N steps (and always at the end); 0: only at the end
     c.train.keep_checkpoints = 3  # how many recent checkpoints to keep
     c.train.log_every = 10  # write metrics every N steps
-    c.train.full_embeddings = False  # research baseline: train the whole embedding and head instead of rows
     c.train.tensorboard = True  # also write TensorBoard event files under output_dir/tensorboard
 
     c.mesh = ml_collections.ConfigDict()
@@ -101,6 +102,8 @@ def load_run_config(path) -> ml_collections.ConfigDict:
     remat = saved.get("model", {}).get("remat")
     if isinstance(remat, bool):  # saved before model.remat named a policy
         saved["model"]["remat"] = "full" if remat else "none"
+    if saved.get("train", {}).pop("full_embeddings", False):  # saved before train.method
+        saved["train"]["method"] = "lora+full"
     config = default_config()
 
     def fill(node, values, prefix):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -28,11 +29,13 @@ from tqdm.auto import tqdm
 
 from jaxtok import chat as chat_lib
 from jaxtok import data as data_lib
+from jaxtok import peft_format
+from jaxtok import tokens as token_rows_lib
 from jaxtok import trainable as trainable_lib
 from jaxtok.checkpoint import Checkpoints
 from jaxtok.convert import load_pretrained
 from jaxtok.demo import resolve_model_path
-from jaxtok.errors import JaxtokError
+from jaxtok.errors import JaxtokError, Stopped
 from jaxtok.evaluate import evaluate_sequences
 from jaxtok.export import export_merged, export_peft
 from jaxtok.generate import generate
@@ -50,8 +53,12 @@ from jaxtok.sharding import (
     make_mesh,
     tree_shardings,
 )
+from jaxtok.run_lock import RunLock
 from jaxtok.step import TrainState, init_state, make_train_step, state_shardings
+from jaxtok.stop import StopSignals
 from jaxtok.tokenizer import load_tokenizer
+from jaxtok.untrained import Untrained, read_untrained
+from jaxtok.untrained import report as untrained_report
 from jaxtok.vocab import add_tokens, plan_rows, resolve_tokens
 
 WEIGHT_DTYPES = ("float32", "bfloat16")
@@ -78,11 +85,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise JaxtokError(f"model.loss_chunk must be an integer >= 0 (got {config.model.loss_chunk!r}; 0 chooses)")
     optim_config(config)  # OptimConfig and LoraConfig check their own values: run those checks before anything slow
     lora_config(config)
-    if config.train.full_embeddings and config.export.peft:
-        raise JaxtokError("train.full_embeddings trains whole matrices, which a PEFT LoRA adapter does not hold; "
-                          "set export.peft=False (the merged export includes them)")
+    if config.train.method not in trainable_lib.METHODS:
+        raise JaxtokError(f"train.method must be one of {', '.join(trainable_lib.METHODS)} "
+                          f"(got {config.train.method!r})")
     if config.sample.heldout and (not isinstance(config.sample.heldout_rows, int) or config.sample.heldout_rows < 1):
         raise JaxtokError(f"sample.heldout_rows must be a positive integer (got {config.sample.heldout_rows!r})")
+    if config.tokens.train_untrained and config.model.adapter:
+        raise JaxtokError("model.adapter brings its own token rows; set tokens.train_untrained=False")
     if not config.output_dir:
         raise JaxtokError("output_dir is empty; set --config.output_dir=DIR")
     out = Path(config.output_dir)
@@ -123,38 +132,75 @@ class Setup:
     added_ids: tuple[int, ...]
     base_vocab: int
     mesh: Mesh
+    new_ids: tuple[int, ...] = ()  # added and tokens.train ids, whatever the method trains: new-token accuracy
     chat_template: Optional[str] = None
     fmt: str = "text"
     train_data: Optional[data_lib.Batches] = None
     eval_sequences: Optional[dict] = None
+    untrained_found: Optional[Untrained] = None  # with tokens.train_untrained: the base's untrained rows
+    untrained_ids: tuple[int, ...] = ()  # those of them the training data use, which train
 
 
-def build_model(config, mesh: Mesh) -> Setup:
-    """The base (in its shards), the tokenizer with any new tokens, and fresh or imported adapters."""
+@dataclasses.dataclass
+class Base:
+    """The base checkpoint (in its shards) and its tokenizer, both with the tokens of tokens.add."""
+
+    model: Llama
+    params: dict
+    tokenizer: Any
+    model_path: str
+    added_ids: tuple[int, ...]
+    base_vocab: int  # before tokens.add
+
+
+def load_base(config, mesh: Mesh) -> Base:
+    """The base and its tokenizer, with tokens.add added to both (with model.adapter: as they are)."""
     model_path = resolve_model_path(config.model.path)  # the demo base is built on first use
     base, params = load_pretrained(
         model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
         allow_pickle=config.model.allow_pickle, remat=remat_policy(config.model.remat),
         attention_impl=config.model.attention or None, loss_chunk=config.model.loss_chunk, mesh=mesh,
     )
-    base_vocab = base.config.vocab_size
-    if config.model.adapter:
-        return _import_adapter(config, base, params, model_path, mesh)
     tokenizer = load_tokenizer(model_path)
+    if config.data.chat_template:  # exported tokenizers carry the template the model was trained with
+        tokenizer.chat_template = config.data.chat_template
+    if config.model.adapter:
+        return Base(base, params, tokenizer, model_path, (), base.config.vocab_size)
     descriptions = tuple(config.tokens.descriptions) or None
     params, llama_config, added = add_tokens(tokenizer, params, base.config, tuple(config.tokens.add), descriptions)
+    return Base(base.clone(config=llama_config), params, tokenizer, model_path, added, base.config.vocab_size)
+
+
+def build_model(config, mesh: Mesh, base: Optional[Base] = None, untrained: tuple[int, ...] = ()) -> Setup:
+    """The model with its token rows planned, and fresh or imported adapters, on `base` (default: loaded now).
+    `untrained`: ids of the base's untrained rows that train too (tokens.train_untrained)."""
+    base = base or load_base(config, mesh)
+    if config.model.adapter:
+        return _import_adapter(config, base, mesh)
+    tokenizer, params, added, model_path = base.tokenizer, base.params, base.added_ids, base.model_path
+    llama_config, base_vocab = base.model.config, base.base_vocab
     trained = resolve_tokens(tokenizer, tuple(config.tokens.train), llama_config.vocab_size)
-    rows = plan_rows(added, trained, llama_config.tie_word_embeddings, config.tokens.train_head)
+    method = trainable_lib.method(config.train.method)
+    rows = plan_rows(added, trained, llama_config.tie_word_embeddings, config.tokens.train_head, untrained)
     rows.validate(llama_config.vocab_size, llama_config.tie_word_embeddings)
+    if not method.rows:
+        rows = token_rows_lib.TokenRows()  # lora: the new rows stay as they start; lora+full: they train in the matrix
+    elif not rows:
+        raise JaxtokError(f"train.method={config.train.method} trains token rows, but tokens.add, tokens.train "
+                          "and tokens.train_untrained give none; name the tokens, or choose another method")
     untrained_head = [i for i in added if not llama_config.tie_word_embeddings and i not in rows.head_ids]
-    if untrained_head and config.export.peft:
+    if method.rows and untrained_head and config.export.peft:
         raise JaxtokError("added tokens need trained head rows for a PEFT adapter (PEFT would give them random rows); "
                           "set tokens.train_head=added or export.peft=False")
-    model = base.clone(config=llama_config, lora=lora_config(config), token_rows=rows)
+    if not method.lora and config.export.peft:
+        peft_format.standalone_targets(rows)  # PEFT's rows-only adapter must be able to hold them: fail before training
+    model = base.model.clone(lora=lora_config(config) if method.lora else None, token_rows=rows)
     params = _place_params(model, params, mesh)  # the vocabulary may have grown
     adapters = trainable_lib.init_adapters(model, params, jax.random.key(config.train.seed),
                                            _adapter_shardings(model, mesh))
-    return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, base_vocab, mesh)
+    return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, base_vocab, mesh,
+                 new_ids=tuple(dict.fromkeys(tuple(added) + tuple(trained) + tuple(untrained))),
+                 untrained_ids=tuple(untrained))
 
 
 def _place_params(model: Llama, params: dict, mesh: Mesh) -> dict:
@@ -167,16 +213,19 @@ def _adapter_shardings(model: Llama, mesh: Mesh):
     return tree_shardings(shapes, logical, mesh)
 
 
-def _import_adapter(config, base: Llama, params: dict, model_path: str, mesh: Mesh) -> Setup:
+def _import_adapter(config, loaded: Base, mesh: Mesh) -> Setup:
     """Continues from a PEFT adapter: its LoRA config and token rows replace the run config's lora and tokens."""
     if config.tokens.add or config.tokens.train:
         raise JaxtokError("model.adapter brings its own token rows; leave tokens.add and tokens.train empty")
-    base_vocab = base.config.vocab_size
-    model, params, adapters, tokenizer = apply_adapter(config.model.adapter, base, params, load_tokenizer(model_path))
+    base, params, model_path, base_vocab = loaded.model, loaded.params, loaded.model_path, loaded.base_vocab
+    model, params, adapters, tokenizer = apply_adapter(config.model.adapter, base, params, loaded.tokenizer)
+    if config.data.chat_template:
+        tokenizer.chat_template = config.data.chat_template
     added = tuple(i for i in model.token_rows.embed_ids if i >= base_vocab)
     params = _place_params(model, params, mesh)
     adapters = jax.device_put(adapters, _adapter_shardings(model, mesh))
-    return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, base_vocab, mesh)
+    new_ids = tuple(dict.fromkeys(model.token_rows.embed_ids + model.token_rows.head_ids))
+    return Setup(model, {"params": params}, adapters, tokenizer, model_path, added, base_vocab, mesh, new_ids=new_ids)
 
 
 def build(config) -> Setup:
@@ -187,13 +236,22 @@ def build(config) -> Setup:
     if config.train.batch_size % batch_shards:
         raise JaxtokError(f"train.batch_size {config.train.batch_size} does not split over the mesh's "
                           f"data x fsdp = {batch_shards} devices; use a multiple of {batch_shards}")
-    setup = build_model(config, mesh)
     chat_template = config.data.chat_template or None
     t = config.train
-    train_seqs, info = data_lib.prepare(
-        config.data.train, setup.tokenizer, config.data.format, t.seq_len, config.data.packing, chat_template,
-        split=config.data.train_split,
-    )
+
+    def prepare_train(tokenizer):
+        return data_lib.prepare(config.data.train, tokenizer, config.data.format, t.seq_len, config.data.packing,
+                                chat_template, split=config.data.train_split)
+
+    found = None
+    if config.tokens.train_untrained:  # which rows train depends on the data, so the data come first
+        base = load_base(config, mesh)
+        train_seqs, info = prepare_train(base.tokenizer)
+        found, untrained = untrained_in_data(base, train_seqs, config.model.allow_pickle)
+        setup = build_model(config, mesh, base, untrained)
+    else:
+        setup = build_model(config, mesh)
+        train_seqs, info = prepare_train(setup.tokenizer)
     if (config.sample.calculator or config.sample.heldout) and info["format"] != "messages":
         raise JaxtokError(f"sample.calculator and sample.heldout need chat data (messages), not {info['format']}")
     if config.sample.heldout:  # a bad file fails now rather than after training
@@ -204,15 +262,25 @@ def build(config) -> Setup:
                                         chat_template, split=config.data.eval_split)
     # Each process reads only the rows of a step's batch that its own devices hold (`sharding.global_batch`).
     batches = data_lib.Batches(train_seqs, t.batch_size, t.grad_accum, t.seed)
+    if config.sample.stop:  # a bad token fails now rather than after training
+        _stop_id(setup, config.sample.stop)
     return dataclasses.replace(setup, chat_template=chat_template, fmt=info["format"], train_data=batches,
-                               eval_sequences=eval_seqs)
+                               eval_sequences=eval_seqs, untrained_found=found)
+
+
+def untrained_in_data(base: Base, train_seqs: dict, allow_pickle: bool = False) -> tuple[Untrained, tuple[int, ...]]:
+    """(the base checkpoint's untrained rows, the ids among them that the training sequences use), for
+    tokens.train_untrained. Rows of tokens.add are not counted: they train as added tokens."""
+    found = read_untrained(base.model_path, allow_pickle)
+    used = set(np.unique(train_seqs["tokens"][train_seqs["segment_ids"] > 0]).tolist())
+    return found, tuple(i for i in found.ids if i in used and i not in base.added_ids)
 
 
 def initial_state(config, setup: Setup):
     """(state placed on the mesh, frozen tree, optimizer, state shardings) for a fresh run of `config`."""
-    full = config.train.full_embeddings
-    trainable, frozen = trainable_lib.split(trainable_lib.merge(setup.frozen, setup.adapters), full)
-    optimizer = make_optimizer(optim_config(config), trainable_lib.labels(trainable, full))
+    method = config.train.method
+    trainable, frozen = trainable_lib.split(trainable_lib.merge(setup.frozen, setup.adapters), method)
+    optimizer = make_optimizer(optim_config(config), trainable_lib.labels(trainable, method))
     trainable_sh = jax.tree.map(lambda x: x.sharding, trainable)
     state_sh = state_shardings(optimizer, trainable, trainable_sh, setup.mesh)
     state = jax.jit(lambda t: init_state(t, optimizer, config.train.seed), out_shardings=state_sh)(trainable)
@@ -226,6 +294,11 @@ def _count(tree) -> int:
 def summary(setup: Setup, config) -> str:
     total = _count(setup.frozen)
     lora, rows = _count(setup.adapters.get("lora", {})), _count(setup.adapters.get("tokens", {}))
+    full = _count({k: v for k, v in setup.frozen["params"].items() if ("params", k) in trainable_lib.EMBEDDING_PATHS})
+    full = full if trainable_lib.method(config.train.method).full else 0
+    lora_model = setup.model.lora
+    lora_text = (f"{lora:,} LoRA (rank {lora_model.rank}, {', '.join(lora_model.targets)})" if lora_model
+                 else "no LoRA")
     model_rows = setup.model.token_rows
     names = {i: setup.tokenizer.convert_ids_to_tokens(i) for i in set(model_rows.embed_ids + model_rows.head_ids)}
     describe = lambda ids: ", ".join(f"{i} {names[i]!r}" for i in ids) or "none"  # noqa: E731
@@ -235,11 +308,14 @@ def summary(setup: Setup, config) -> str:
         f"devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es))",
         f"model: {setup.model_path} (vocab {setup.base_vocab} -> {setup.model.config.vocab_size}, "
         f"{'tied' if setup.model.config.tie_word_embeddings else 'untied'} head, weights {config.model.dtype})",
-        f"parameters: {total:,} frozen, {lora:,} LoRA (rank {setup.model.lora.rank}, "
-        f"{', '.join(setup.model.lora.targets)}), {rows:,} in token rows; "
-        f"trainable {100 * (lora + rows) / (total + lora + rows):.3f}%",
+        f"method: {config.train.method}",
+        f"parameters: {total - full:,} frozen, {lora_text}, {rows:,} in token rows"
+        + (f", {full:,} in the whole embedding and head" if full else "")
+        + f"; trainable {100 * (lora + rows + full) / (total + lora + rows):.3f}%",
         f"token rows (embedding): {describe(model_rows.embed_ids)}",
         f"token rows (head): {describe(model_rows.head_ids) if not setup.model.config.tie_word_embeddings else 'tied'}",
+        *(untrained_report(setup.untrained_found, setup.untrained_ids, setup.tokenizer) if setup.untrained_found
+          else []),
         f"data: {setup.train_data.num_rows} training sequences ({setup.fmt}), batch {t.batch_size} x "
         f"{t.grad_accum} accumulation x {t.seq_len} tokens, {t.steps} steps",
     ])
@@ -249,11 +325,39 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """Runs (or resumes) the job; returns the final evaluation and step metrics."""
     d = config.distributed
     initialize_distributed(d.coordinator, d.num_processes, d.process_id, d.auto)
-    setup = build(config)
+    check_config(config)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     log = tqdm.write if is_main else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    _hold(lock, log)
+    try:
+        return _run(config, out, log)
+    finally:
+        lock.release()
+
+
+def _hold(lock: RunLock, log) -> None:
+    """Process 0 takes the output folder's lock; every process stops if it could not."""
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire(log)
+        except JaxtokError as e:
+            problem = e
+    failed = problem is not None
+    if jax.process_count() > 1:
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+    if problem is not None:
+        raise problem
+    if failed:
+        raise JaxtokError(f"process 0 could not take the lock on {lock.path.parent}; its output says why")
+
+
+def _run(config, out: Path, log) -> dict:
+    setup = build(config)
+    is_main = jax.process_index() == 0
     log(summary(setup, config))
 
     if is_main:
@@ -267,19 +371,25 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     checkpoints = Checkpoints(out / "checkpoints", config.train.keep_checkpoints)
     record = {"token_rows": [list(setup.model.token_rows.embed_ids), list(setup.model.token_rows.head_ids)],
-              "vocab_size": setup.model.config.vocab_size}
+              "vocab_size": setup.model.config.vocab_size, "method": config.train.method}
+    if setup.untrained_ids:  # load_run rebuilds the token rows from it, without the data
+        record["untrained"] = list(setup.untrained_ids)
     start = 0
-    if checkpoints.latest_step() is not None:
-        state, saved = checkpoints.restore(state)
-        if saved.get("token_rows") != record["token_rows"] or saved.get("vocab_size") != record["vocab_size"]:
-            raise JaxtokError(f"{out} holds checkpoints of a run with other token rows or vocabulary; "
+    restored = checkpoints.restore_newest(state, log)  # one that does not restore is moved aside, with a warning
+    if restored is not None:
+        state, saved = restored
+        same = all(saved.get(k, "lora+rows" if k == "method" else None) == v for k, v in record.items())
+        if not same:
+            raise JaxtokError(f"{out} holds checkpoints of a run with another method, token rows or vocabulary; "
                               "use another output_dir or remove its checkpoints")
         start = int(state.step)
         log(f"resuming from the checkpoint at step {start}")
     drop_after(out, start)
     writer = MetricsWriter(out, tensorboard=config.train.tensorboard)
     try:
-        state, final = _Loop(config, setup, state, frozen, step_fn, checkpoints, writer, record, log).run(start)
+        with StopSignals() as stop:
+            loop = _Loop(config, setup, state, frozen, step_fn, checkpoints, writer, record, log, stop)
+            state, final = loop.run(start)
     finally:
         writer.close()
         checkpoints.close()
@@ -287,20 +397,23 @@ def run(config: ml_collections.ConfigDict) -> dict:
     return final
 
 
-def _evaluate(setup: Setup, variables, config) -> Optional[dict]:
+def evaluate_setup(setup: Setup, variables, config) -> Optional[dict]:
+    """Evaluation loss and new-token accuracy on the run's eval data (None without data.eval)."""
     if setup.eval_sequences is None:
         return None
     sharding = NamedSharding(setup.mesh, PartitionSpec(RULES["batch"], None))
     return evaluate_sequences(setup.model, variables, setup.eval_sequences, config.train.batch_size, progress=False,
-                              place=lambda rows: global_array(rows, sharding))
+                              place=lambda rows: global_array(rows, sharding), new_ids=setup.new_ids)
 
 
 class _Loop:
     """The training loop's moving parts: the state, its metrics on their way to the log, evaluation, saving."""
 
-    def __init__(self, config, setup: Setup, state: TrainState, frozen, step_fn, checkpoints, writer, record, log):
+    def __init__(self, config, setup: Setup, state: TrainState, frozen, step_fn, checkpoints, writer, record, log,
+                 stop: StopSignals):
         self.config, self.setup, self.state, self.frozen = config, setup, state, frozen
         self.step_fn, self.checkpoints, self.writer, self.record, self.log = step_fn, checkpoints, writer, record, log
+        self.stop = stop
         self.final: dict = {}
         self.pending: list[tuple[int, dict]] = []
         self.last_good = checkpoints.latest_step()
@@ -310,11 +423,16 @@ class _Loop:
         return every > 0 and step % every == 0
 
     def evaluate(self, step: int) -> None:
-        result = _evaluate(self.setup, trainable_lib.merge(self.frozen, self.state.trainable), self.config)
+        result = evaluate_setup(self.setup, trainable_lib.merge(self.frozen, self.state.trainable), self.config)
         if result is not None:
-            self.writer.write({"step": step, "eval_loss": result["eval_loss"], "eval_tokens": result["tokens"]})
-            self.log(f"step {step}: eval_loss {result['eval_loss']:.4f} over {result['tokens']} tokens")
-            self.final["eval_loss"] = result["eval_loss"]
+            record = {"step": step, "eval_loss": result["eval_loss"], "eval_tokens": result["tokens"]}
+            said = f"step {step}: eval_loss {result['eval_loss']:.4f} over {result['tokens']} tokens"
+            if result["new_token_acc"] is not None:
+                record["eval_new_token_acc"] = result["new_token_acc"]
+                said += f", new-token accuracy {result['new_token_acc']:.3f} over {result['new_tokens']} targets"
+            self.writer.write(record)
+            self.log(said)
+            self.final.update({k: v for k, v in record.items() if k.startswith("eval_")})
 
     def flush(self, since: float, bar) -> None:
         """Reads the pending step metrics from the device, stops on a non-finite loss, logs them.
@@ -367,11 +485,27 @@ class _Loop:
             if due(done, t.eval_every) and not last:
                 self.evaluate(done)
             if due(done, t.save_every) or last:
-                epoch = self.setup.train_data.epoch_of(done)
-                self.checkpoints.save(self.state, {**self.record, "step": done, "epoch": epoch})
-                self.last_good = done
+                self.save(done)
             if due(done, t.eval_every) or due(done, t.save_every):
                 tick = time.perf_counter()  # throughput counts training time only
+            signum = None if last else self.stop.requested()
+            if signum:
+                self.stop_at(done, signum, tick, bar)
+
+    def save(self, done: int) -> None:
+        epoch = self.setup.train_data.epoch_of(done)
+        self.checkpoints.save(self.state, {**self.record, "step": done, "epoch": epoch})
+        self.last_good = done
+
+    def stop_at(self, done: int, signum: int, tick: float, bar) -> None:
+        """After a stop signal: the step's metrics and a checkpoint at it, then `Stopped`."""
+        if self.pending:
+            self.flush(tick, bar)
+        if self.last_good != done:
+            self.save(done)
+        name = signal.Signals(signum).name
+        raise Stopped(f"stopped by {name} after step {done}; checkpoint saved in "
+                      f"{self.checkpoints.directory / str(done)}. Run the same command again to resume.", 128 + signum)
 
 
 def _host(tree):
@@ -385,16 +519,20 @@ def _host(tree):
 def _finish(config, setup: Setup, frozen: dict, state: TrainState, out: Path, log) -> None:
     """Exports (process 0 writes) and the sample (every process computes it: the model is sharded over them)."""
     is_main = jax.process_index() == 0
-    adapters = {k: v for k, v in state.trainable.items() if k in ("lora", "tokens")}
-    if config.export.peft:
-        host_adapters = _host(adapters)
+    variables = trainable_lib.merge(frozen, state.trainable)
+    adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
+    if config.export.peft and trainable_lib.method(config.train.method).full:
+        log("PEFT adapter: not written (lora+full trains the whole embedding and head, which a PEFT adapter does not "
+            f"hold; {out / 'merged'} has them)")
+    elif config.export.peft:
+        model, peft_adapters = peft_view(setup, variables)
+        host_adapters = _host(peft_adapters)
         if is_main:
-            export_peft(out / "adapter", setup.model, host_adapters, setup.model_path, tokenizer=setup.tokenizer,
+            export_peft(out / "adapter", model, host_adapters, setup.model_path, tokenizer=setup.tokenizer,
                         added_ids=setup.added_ids, overwrite=True)
             log(f"PEFT adapter: {out / 'adapter'}")
     if config.export.merged:
-        params = trainable_lib.merge(frozen, {k: v for k, v in state.trainable.items() if k == "params"})["params"]
-        host_params, host_adapters = _host(params), _host(adapters)
+        host_params, host_adapters = _host(variables["params"]), _host(adapters)
         if is_main:
             export_merged(out / "merged", setup.model, host_params, host_adapters, tokenizer=setup.tokenizer,
                           dtype=config.export.merged_dtype or config.model.dtype, overwrite=True)
@@ -402,7 +540,6 @@ def _finish(config, setup: Setup, frozen: dict, state: TrainState, out: Path, lo
     s = config.sample
     if s.max_new_tokens < 1:
         return
-    variables = trainable_lib.merge(frozen, state.trainable)
     if s.prompt and s.calculator:
         added = chat_lib.converse(_chat(setup, variables, s), [[{"role": "user", "content": s.prompt}]])[0]
         log(f"sample: {s.prompt!r} -> {chat_lib.show(added)}")
@@ -419,6 +556,24 @@ def _finish(config, setup: Setup, frozen: dict, state: TrainState, out: Path, lo
             log(f"held-out calculator calls: {result['calls_right']}/{result['total']} right")
 
 
+def peft_view(setup: Setup, variables: dict) -> tuple[Llama, dict]:
+    """The model and adapters to export in PEFT's format. A PEFT adapter can bring rows the base lacks only as
+    trainable tokens, so where the method left the rows of added tokens frozen (lora), their initial rows go in as
+    token rows that did not train."""
+    model, rows = setup.model, setup.model.token_rows
+    missing = tuple(i for i in setup.added_ids if i not in rows.embed_ids)
+    adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
+    if not missing:
+        return model, adapters
+    tied = model.config.tie_word_embeddings
+    index = jnp.asarray(missing)
+    tables = {"embed": jnp.take(variables["params"]["embed"], index, axis=0).astype(jnp.float32)}
+    if not tied:
+        tables["head"] = jnp.take(variables["params"]["lm_head"], index, axis=1).T.astype(jnp.float32)
+    return model.clone(token_rows=token_rows_lib.TokenRows(missing, () if tied else missing)), {**adapters,
+                                                                                                 "tokens": tables}
+
+
 def _chat(setup: Setup, variables: dict, s) -> chat_lib.Chat:
     stop_id = _stop_id(setup, s.stop)
     return chat_lib.Chat(setup.model, variables, setup.tokenizer, setup.chat_template, s.max_new_tokens, stop_id)
@@ -426,7 +581,9 @@ def _chat(setup: Setup, variables: dict, s) -> chat_lib.Chat:
 
 def _stop_id(setup: Setup, stop: str) -> int:
     tokenizer = setup.tokenizer
-    return resolve_tokens(tokenizer, (stop,), setup.model.config.vocab_size)[0] if stop else tokenizer.eos_token_id
+    if not stop:
+        return tokenizer.eos_token_id
+    return resolve_tokens(tokenizer, (stop,), setup.model.config.vocab_size, key="sample.stop")[0]
 
 
 def sample(setup: Setup, variables: dict, prompt: str, max_new_tokens: int, stop: str = "") -> str:
@@ -446,14 +603,20 @@ def sample(setup: Setup, variables: dict, prompt: str, max_new_tokens: int, stop
     return tokenizer.decode(out, skip_special_tokens=False)
 
 
-def load_run(run_dir: str | Path, step: Optional[int] = None) -> tuple[Any, Setup, dict, TrainState]:
-    """(config, setup, frozen, state) of a run's checkpoint at `step` (default: the latest), for export."""
+def load_run(run_dir: str | Path, step: Optional[int] = None, model_path: Optional[str] = None,
+             dtype: Optional[str] = None) -> tuple[Any, Setup, dict, TrainState]:
+    """(config, setup, frozen, state) of a run's checkpoint at `step` (default: the latest), for export and
+    generation; `model_path` and `dtype` replace the run's model.path (a copy of the base elsewhere) and model.dtype."""
     from jaxtok.run_config import load_run_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "run_config.json").is_file():
         raise JaxtokError(f"{run_dir} is not a jaxtok run directory (no run_config.json); pass a run's output_dir")
     config = load_run_config(run_dir / "run_config.json")
+    if model_path:
+        config.model.path = model_path
+    if dtype:
+        config.model.dtype, config.model.compute_dtype = dtype, None
     checkpoints = Checkpoints(run_dir / "checkpoints")
     try:
         steps = checkpoints.steps()
@@ -461,7 +624,9 @@ def load_run(run_dir: str | Path, step: Optional[int] = None) -> tuple[Any, Setu
             raise JaxtokError(f"{run_dir} has no checkpoints yet")
         if step is not None and step not in steps:
             raise JaxtokError(f"{run_dir} has no checkpoint at step {step}; it has {sorted(steps)}")
-        setup = build_model(config, make_mesh(config.mesh.shape if jax.process_count() > 1 else (1, -1, 1)))
+        untrained = tuple(checkpoints.record(step).get("untrained", ())) if config.tokens.train_untrained else ()
+        setup = build_model(config, make_mesh(config.mesh.shape if jax.process_count() > 1 else (1, -1, 1)),
+                            untrained=untrained)
         like, frozen, _, _ = initial_state(config, setup)
         state, _ = checkpoints.restore(like, step)
     finally:

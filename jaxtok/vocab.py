@@ -38,16 +38,16 @@ def add_tokens(
     seen = set()
     for token in new_tokens:
         if not isinstance(token, str) or not token:
-            raise JaxtokError(f"new token {token!r} must be a non-empty string")
+            raise JaxtokError(f"tokens.add: new token {token!r} must be a non-empty string")
         if token in vocab:
-            raise JaxtokError(
-                f"token {token!r} is already in the vocabulary (id {vocab[token]}); list it under tokens.train instead"
-            )
+            raise JaxtokError(f"tokens.add: token {token!r} is already in the vocabulary (id {vocab[token]}); "
+                              "list it under tokens.train instead")
         if token in seen:
-            raise JaxtokError(f"new token {token!r} is listed twice")
+            raise JaxtokError(f"tokens.add: new token {token!r} is listed twice")
         seen.add(token)
     if descriptions is not None and len(descriptions) != len(new_tokens):
-        raise JaxtokError(f"got {len(descriptions)} descriptions for {len(new_tokens)} new tokens; give one per token")
+        raise JaxtokError(f"tokens.descriptions: got {len(descriptions)} descriptions for {len(new_tokens)} new "
+                          "tokens (tokens.add); give one per token")
 
     # Rows the descriptions average over are found before the tokenizer changes, so they use old tokens only.
     description_ids = None
@@ -55,7 +55,8 @@ def add_tokens(
         description_ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in descriptions]
         for token, ids in zip(new_tokens, description_ids):
             if not ids:
-                raise JaxtokError(f"the description of {token!r} is empty; describe it in a few words")
+                raise JaxtokError(f"tokens.descriptions: the description of {token!r} is empty; describe it in a "
+                                  "few words")
     tokenizer.add_tokens(list(new_tokens), special_tokens=True)
     new_ids = tuple(tokenizer.convert_tokens_to_ids(list(new_tokens)))
     new_vocab = max(config.vocab_size, len(tokenizer))
@@ -85,33 +86,39 @@ def _grow(rows_VD, new_ids, new_vocab: int, description_ids) -> jnp.ndarray:
     return grown.at[jnp.asarray(new_ids)].set(jnp.stack(inits).astype(rows_VD.dtype))
 
 
-def resolve_tokens(tokenizer, items: Sequence[Union[str, int]], vocab_size: int) -> tuple[int, ...]:
-    """Ids of existing tokens named by string or id; unknown strings, bad ids and duplicates are errors."""
+def resolve_tokens(tokenizer, items: Sequence[Union[str, int]], vocab_size: int,
+                   key: str = "tokens.train") -> tuple[int, ...]:
+    """Ids of existing tokens named by string or id; unknown strings, bad ids and duplicates are errors that name
+    `key`, the config key the tokens came from."""
     vocab = tokenizer.get_vocab()
     ids = []
     for item in items:
         if isinstance(item, str) and not item.lstrip("-").isdigit():
             if item not in vocab:
-                raise JaxtokError(f"unknown token {item!r}: it is not in the tokenizer's vocabulary; "
-                                  "add it with tokens.add instead")
+                raise JaxtokError(f"{key}: unknown token {item!r}: it is not in the tokenizer's vocabulary; "
+                                  "add it with tokens.add, or name a token the tokenizer has")
             ids.append(vocab[item])
         else:
             ids.append(int(item))
         if ids[-1] in ids[:-1]:
-            raise JaxtokError(f"token {item!r} (id {ids[-1]}) is listed twice")
-    validate_ids(ids, vocab_size, "tokens.train", allow_empty=True)
+            raise JaxtokError(f"{key}: token {item!r} (id {ids[-1]}) is listed twice")
+    validate_ids(ids, vocab_size, key, allow_empty=True)
     return tuple(ids)
 
 
-def plan_rows(added: Sequence[int], trained: Sequence[int], tied: bool, head: str = "added") -> TokenRows:
-    """The token tables: every added and trained id in the embedding table; for an untied head, the ids `head`
-    names ("added": the new tokens, whose head rows are untrained too; "all"; or "none")."""
+def plan_rows(added: Sequence[int], trained: Sequence[int], tied: bool, head: str = "added",
+              untrained: Sequence[int] = ()) -> TokenRows:
+    """The token tables: every added, trained and untrained id in the embedding table; for an untied head, the ids
+    `head` names ("added": the new tokens and the base's `untrained` ones, whose head rows are untrained too; "all";
+    or "none"). An untrained id also listed in `trained` is planned once."""
     if head not in HEAD_CHOICES:
         raise JaxtokError(f"tokens.train_head must be one of {', '.join(HEAD_CHOICES)} (got {head!r})")
     overlap = set(added) & set(trained)
     if overlap:
-        raise JaxtokError(f"token ids {sorted(overlap)} are both added and listed as existing tokens to train")
-    embed_ids = tuple(added) + tuple(trained)
+        raise JaxtokError(f"tokens.add, tokens.train: token ids {sorted(overlap)} are both added and listed as "
+                          "existing tokens to train")
+    untrained = tuple(i for i in untrained if i not in added)
+    embed_ids = tuple(added) + tuple(trained) + tuple(i for i in untrained if i not in trained)
     if tied or head == "none":
         return TokenRows(embed_ids, ())
-    return TokenRows(embed_ids, tuple(added) if head == "added" else embed_ids)
+    return TokenRows(embed_ids, tuple(added) + untrained if head == "added" else embed_ids)

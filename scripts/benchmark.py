@@ -4,6 +4,7 @@
     python scripts/benchmark.py --shape S,M --repeats 5           # several shapes, more repeats
     python scripts/benchmark.py --shape 1b --dtype bfloat16 --frameworks jaxtok          # on one GPU: < 8 minutes
     python scripts/benchmark.py --shape tiny --repeats 1 --steps 1 --warmup 1 --out /tmp/b  # a smoke test
+    python scripts/benchmark.py --shape M --variants lora --dtype float32,bfloat16 --remat none,full,dots  # a sweep
 
 Shapes (random weights, built here: nothing is downloaded; every head is tied to the embedding, as in Llama 3.2):
 
@@ -19,7 +20,7 @@ on every token:
 
     lora       LoRA r=16, alpha=32 on every linear layer but the head (PEFT's target_modules="all-linear")
     lora+rows  plus 4 trainable token rows, ids 100..103 (jaxtok: TokenRows; PEFT: trainable_token_indices)
-    lora+full  plus the whole (tied) embedding/head (jaxtok: trainable.split(..., full_embeddings=True); PEFT:
+    lora+full  plus the whole (tied) embedding/head (jaxtok: method lora+full; PEFT:
                requires_grad_(True) on the embedding weight after get_peft_model, which trains the tied head too)
 
 jaxtok builds `Llama(config, lora=..., token_rows=...)` with seeded normal(0, 0.02) weights (numpy: a block of 4M
@@ -30,6 +31,11 @@ adapters as PEFT makes them, torch threads = CPU count), wraps it with `peft.get
 the chip jax runs on: the CPU, or the first GPU where jax runs on a GPU and torch has CUDA (elsewhere PEFT is
 skipped, and the output says so). Float32 matmuls use each framework's default precision (on a GPU JAX's may be
 TF32, torch's is not).
+
+Settings. `--dtype` and `--remat` take comma-separated lists; every combination of shape, dtype and remat policy is
+a setting of its own, with its own rows, so one run measures what bf16 and remat cost or save. PEFT runs remat
+"full" as `gradient_checkpointing_enable()` (non-reentrant: each decoder layer is recomputed in the backward); it has
+no counterpart of "dots", so that setting runs jaxtok only.
 
 Method. Every (framework, variant) runs in a process of its own: the script re-invokes itself with a hidden
 `--worker` flag and reads back one JSON line, so no run inherits another's caches, threads or memory. Runs are
@@ -42,6 +48,7 @@ the step time).
 
 Columns of results.md (results.json holds the same per row, plus every repeat's numbers):
 
+    dtype, remat  the setting: base weights and compute dtype; gradient checkpointing policy
     ms/step       median over repeats of each process's median step time
     tokens/s      batch x seq_len / step time
     / PEFT        jaxtok's ms/step / PEFT's ms/step for the same variant (below 1: jaxtok is faster)
@@ -53,7 +60,8 @@ Columns of results.md (results.json holds the same per row, plus every repeat's 
     trainable     number of trained parameters (a check that both frameworks train the same thing)
     GFLOP/step    model FLOPs of one step, counted analytically by `step_flops` (its docstring says what counts)
     GFLOP/s       GFLOP/step / step time
-    % matmul      GFLOP/s as a share of the matmul speed measured in the same run (median over repeats)
+    % matmul      GFLOP/s as a share of the matmul speed measured in the same run, in the row's dtype (median
+                  over repeats)
     MFU           on an accelerator only: GFLOP/s as a share of the chip's dense bf16 peak (PEAK_BF16_FLOPS; blank
                   for a chip not listed there)
 
@@ -224,7 +232,7 @@ def jaxtok_worker(spec: dict) -> dict:
     from jaxtok.step import init_state, make_train_step
     from jaxtok.tokens import TokenRows
 
-    s, variant, full = SHAPES[spec["shape"]], spec["variant"], spec["variant"] == "lora+full"
+    s, variant = SHAPES[spec["shape"]], spec["variant"]
     config = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.mlp, num_layers=s.layers,
                          num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim, tie_word_embeddings=True,
                          max_position_embeddings=max(s.seq_len, 2048))
@@ -243,10 +251,10 @@ def jaxtok_worker(spec: dict) -> dict:
     block = 0.02 * np.random.default_rng(SEED).standard_normal(2**22 + 1, np.float32)  # odd length: no row repeats
     params = jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_params(model)))
     adapters = trainable.init_adapters(model, params, jax.random.key(SEED))
-    train, frozen = trainable.split({"params": params, **adapters}, full_embeddings=full)
+    train, frozen = trainable.split({"params": params, **adapters}, variant)  # the variants are jaxtok's methods
     del params, adapters
     optim = OptimConfig(lr=LR, schedule="constant", max_grad_norm=MAX_GRAD_NORM)
-    optimizer = make_optimizer(optim, trainable.labels(train, full_embeddings=full))
+    optimizer = make_optimizer(optim, trainable.labels(train, variant))
     trainable_params = sum(x.size for x in jax.tree.leaves(train))
     state = jax.jit(lambda train: init_state(train, optimizer, SEED))(train)
     del train
@@ -297,6 +305,8 @@ def peft_worker(spec: dict) -> dict:
     model = peft.get_peft_model(model, lora)
     if variant == "lora+full":
         model.get_input_embeddings().weight.requires_grad_(True)  # tied: the head is this same tensor
+    if spec["remat"] == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -411,13 +421,19 @@ def median(values: list) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def summarize(shape_name: str, framework: str, variant: str, runs: list[dict], matmul_gflops: Optional[float],
+def setting_name(shape: str, dtype: str, remat: str) -> str:
+    return f"{shape}/{dtype}/remat={remat}"
+
+
+def summarize(key: tuple[str, str, str, str, str], runs: list[dict], matmul_gflops: Optional[float],
               peak_flops: Optional[float]) -> dict:
     """One row of results: medians over the repeats that succeeded, and every run as it came."""
+    shape_name, dtype, remat, framework, variant = key
     shape = SHAPES[shape_name]
     flops = step_flops(shape, variant)
     good = [r for r in runs if "error" not in r]
-    row = dict(shape=shape_name, framework=framework, variant=variant, flops_per_step=flops.step,
+    row = dict(shape=shape_name, dtype=dtype, remat=remat, setting=setting_name(shape_name, dtype, remat),
+               framework=framework, variant=variant, flops_per_step=flops.step,
                forward_flops=flops.forward, runs=runs, failed_runs=len(runs) - len(good),
                error=None if good else (runs[-1].get("error") if runs else None))
     if not good:
@@ -437,17 +453,17 @@ def summarize(shape_name: str, framework: str, variant: str, runs: list[dict], m
 
 
 def ratios(rows: list[dict]) -> dict:
-    """Per shape: jaxtok/peft per variant, and rows/lora and full/lora per framework (None where a run failed)."""
-    ms = {(r["shape"], r["framework"], r["variant"]): r.get("ms_per_step") for r in rows}
+    """Per setting: jaxtok/peft per variant, and rows/lora and full/lora per framework (None where a run failed)."""
+    ms = {(r["setting"], r["framework"], r["variant"]): r.get("ms_per_step") for r in rows}
 
     def ratios_of(pairs) -> dict:
         return {name: ms[a] / ms[b] if ms[a] and ms[b] else None for name, a, b in pairs if a in ms and b in ms}
 
-    return {shape: {
-        "jaxtok/peft": ratios_of((v, (shape, "jaxtok", v), (shape, "peft", v)) for v in VARIANTS),
-        "rows/lora": ratios_of((f, (shape, f, "lora+rows"), (shape, f, "lora")) for f in FRAMEWORKS),
-        "full/lora": ratios_of((f, (shape, f, "lora+full"), (shape, f, "lora")) for f in FRAMEWORKS),
-    } for shape in dict.fromkeys(r["shape"] for r in rows)}
+    return {s: {
+        "jaxtok/peft": ratios_of((v, (s, "jaxtok", v), (s, "peft", v)) for v in VARIANTS),
+        "rows/lora": ratios_of((f, (s, f, "lora+rows"), (s, f, "lora")) for f in FRAMEWORKS),
+        "full/lora": ratios_of((f, (s, f, "lora+full"), (s, f, "lora")) for f in FRAMEWORKS),
+    } for s in dict.fromkeys(r["setting"] for r in rows)}
 
 
 def fmt(value: Optional[float], spec: str) -> str:
@@ -464,25 +480,27 @@ def markdown(report: dict) -> str:
         f"- machine: {m['name']} (jax backend {m['backend']}){host}",
         f"- versions: {v}",
         f"- date: {report['date']}",
-        f"- settings: {s['dtype']}; {s['repeats']} repeats x ({s['warmup']} warmup + {s['steps']} timed steps); "
-        f"LoRA r={RANK} alpha={ALPHA:g} all-linear; rows: ids {TOKEN_IDS[0]}..{TOKEN_IDS[-1]}; jaxtok: remat "
-        f"{s['remat']}, attention {s['attention'] or 'default'}, loss chunk {s['loss_chunk'] or 'auto'}",
-        f"- matmul peak: {fmt(report['matmul']['gflops'], ',.1f')} GFLOP/s "
-        f"({' x '.join(map(str, report['matmul']['size']))}, {s['dtype']}, median over repeats)"
-        + (f"; the chip's dense bf16 peak: {report['peak_flops'] / 1e12:g} TFLOP/s" if report["peak_flops"] else ""),
+        f"- settings: {s['repeats']} repeats x ({s['warmup']} warmup + {s['steps']} timed steps); "
+        f"LoRA r={RANK} alpha={ALPHA:g} all-linear; rows: ids {TOKEN_IDS[0]}..{TOKEN_IDS[-1]}; jaxtok: "
+        f"attention {s['attention'] or 'default'}, loss chunk {s['loss_chunk'] or 'auto'}",
     ]
+    for dtype, matmul in report["matmul"].items():
+        lines.append(f"- matmul peak, {dtype}: {fmt(matmul['gflops'], ',.1f')} GFLOP/s "
+                     f"({' x '.join(map(str, matmul['size']))}, median over repeats)")
+    if report["peak_flops"]:
+        lines.append(f"- the chip's dense bf16 peak: {report['peak_flops'] / 1e12:g} TFLOP/s")
     lines += [f"- note: {note}" for note in report["notes"]]
-    columns = ["shape", "framework", "variant", "ms/step", "tokens/s", "/ PEFT", "/ lora", "peak RSS MiB",
-               "XLA temp MiB"] + (["device peak MiB"] if accelerator else []) + [
+    columns = ["shape", "dtype", "remat", "framework", "variant", "ms/step", "tokens/s", "/ PEFT", "/ lora",
+               "peak RSS MiB", "XLA temp MiB"] + (["device peak MiB"] if accelerator else []) + [
                "trainable", "GFLOP/step", "GFLOP/s", "% matmul"] + (["MFU %"] if accelerator else [])
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in report["results"]:
-        r = report["ratios"][row["shape"]]
+        r = report["ratios"][row["setting"]]
         vs_peft = r["jaxtok/peft"].get(row["variant"]) if row["framework"] == "jaxtok" else None
         vs_lora = {"lora+rows": r["rows/lora"], "lora+full": r["full/lora"]}.get(row["variant"], {}).get(
             row["framework"])
         if row["error"]:
-            cells = ["failed: " + row["error"][:80]] + [""] * (len(columns) - 4)
+            cells = ["failed: " + row["error"][:80]] + [""] * (len(columns) - 6)
         else:
             cells = [fmt(row["ms_per_step"], ".1f"), fmt(row["tokens_per_s"], ",.0f"), fmt(vs_peft, ".2f"),
                      fmt(vs_lora, ".2f"), fmt(row["peak_rss_mib"], ",.0f"), fmt(row["xla_temp_mib"], ",.1f")]
@@ -490,7 +508,8 @@ def markdown(report: dict) -> str:
             cells += [f"{row['trainable_params']:,}", fmt(row["flops_per_step"] / 1e9, ",.2f"),
                       fmt(row["gflops"], ",.1f"), fmt(row["pct_matmul_peak"], ".1f")]
             cells += [fmt(row["mfu"], ".1f")] if accelerator else []
-        lines.append("| " + " | ".join([row["shape"], row["framework"], row["variant"]] + cells) + " |")
+        names_ = [row["shape"], row["dtype"], row["remat"], row["framework"], row["variant"]]
+        lines.append("| " + " | ".join(names_ + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -505,8 +524,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians over them (3)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process (5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process, after compilation (2)")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16: base weights and compute")
-    parser.add_argument("--remat", default="none", help="jaxtok only: none, full or dots")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or both (comma-separated): base weights "
+                        "and compute")
+    parser.add_argument("--remat", default="none", help="none, full, dots, or several (comma-separated); PEFT runs "
+                        "full as gradient checkpointing and skips dots")
     parser.add_argument("--attention", default="", help='jaxtok only: "" (JAX chooses), xla or cudnn')
     parser.add_argument("--loss-chunk", type=int, default=0, help="jaxtok only: positions per loss chunk; 0 = auto")
     parser.add_argument("--out", default="runs/benchmark", help="writes OUT/results.json and OUT/results.md")
@@ -521,10 +542,10 @@ def main() -> None:
     shapes = names(",".join(args.shape or ["S"]), SHAPES, "shape")
     frameworks = names(args.frameworks, FRAMEWORKS, "framework")
     variants = names(args.variants, VARIANTS, "variant")
-    for value, allowed, what in ((args.dtype, DTYPES, "dtype"), (args.remat, REMATS, "remat policy"),
-                                 (args.attention, ATTENTIONS, "attention")):
-        if value not in allowed:
-            raise JaxtokError(f"unknown {what} {value!r}; choose from {', '.join(map(repr, allowed))}")
+    dtypes = names(args.dtype, DTYPES, "dtype")
+    remats = names(args.remat, REMATS, "remat policy")
+    if args.attention not in ATTENTIONS:
+        raise JaxtokError(f"unknown attention {args.attention!r}; choose from {', '.join(map(repr, ATTENTIONS))}")
     for name in ("repeats", "steps"):
         if getattr(args, name) < 1:
             raise JaxtokError(f"--{name} must be at least 1")
@@ -537,38 +558,47 @@ def main() -> None:
                               f"--frameworks jaxtok")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(dtype=args.dtype, remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk,
-                  warmup=args.warmup, steps=args.steps, cache_dir=str((out / "xla_cache").resolve()))
+    common = dict(attention=args.attention, loss_chunk=args.loss_chunk, warmup=args.warmup, steps=args.steps,
+                  cache_dir=str((out / "xla_cache").resolve()))
 
-    notes, matmuls, machine = [], [], None
-    runs: dict[tuple[str, str, str], list[dict]] = {(s, f, v): [] for s in shapes for v in variants for f in frameworks}
+    notes, machine = [], None
+    matmuls: dict[str, list[dict]] = {dtype: [] for dtype in dtypes}
+    # (shape, dtype, remat, framework, variant); PEFT has no counterpart of remat "dots"
+    runs: dict[tuple[str, str, str, str, str], list[dict]] = {
+        (s, d, r, f, v): [] for s in shapes for d in dtypes for r in remats for v in variants for f in frameworks
+        if not (f == "peft" and r == "dots")}
     for repeat in range(1, args.repeats + 1):
-        matmul = run_worker(dict(kind="matmul", **common))
-        if "error" in matmul:
-            raise RuntimeError(f"the matmul worker failed: {matmul['error']}")
-        matmuls.append(matmul)
-        print(f"[{repeat}/{args.repeats}] matmul: {matmul['gflops']:,.1f} GFLOP/s on {matmul['device_kind']}",
-              file=sys.stderr, flush=True)
+        for dtype in dtypes:
+            matmul = run_worker(dict(kind="matmul", dtype=dtype, **common))
+            if "error" in matmul:
+                raise RuntimeError(f"the matmul worker failed: {matmul['error']}")
+            matmuls[dtype].append(matmul)
+            print(f"[{repeat}/{args.repeats}] matmul {dtype}: {matmul['gflops']:,.1f} GFLOP/s on "
+                  f"{matmul['device_kind']}", file=sys.stderr, flush=True)
         if machine is None:
             machine = matmul
             device, skip = peft_device(machine["backend"]) if "peft" in frameworks else ("cpu", None)
             if skip:
                 notes.append(skip)
                 frameworks = [f for f in frameworks if f != "peft"]
-                runs = {key: r for key, r in runs.items() if key[1] != "peft"}
-        for (shape, framework, variant), results in runs.items():
-            result = run_worker(dict(kind=framework, shape=shape, variant=variant, device=device, **common))
+                runs = {key: r for key, r in runs.items() if key[3] != "peft"}
+        for (shape, dtype, remat, framework, variant), results in runs.items():
+            result = run_worker(dict(kind=framework, shape=shape, dtype=dtype, remat=remat, variant=variant,
+                                     device=device, **common))
             results.append(result)
             said = result.get("error") or f"{1000 * statistics.median(result['step_times_s']):.1f} ms/step"
-            print(f"[{repeat}/{args.repeats}] {shape} {framework} {variant}: {said}", file=sys.stderr, flush=True)
+            print(f"[{repeat}/{args.repeats}] {setting_name(shape, dtype, remat)} {framework} {variant}: {said}",
+                  file=sys.stderr, flush=True)
 
-    matmul_gflops = median([m["gflops"] for m in matmuls])
+    matmul_gflops = {dtype: median([m["gflops"] for m in found]) for dtype, found in matmuls.items()}
     peak = PEAK_BF16_FLOPS.get(machine["device_kind"]) if machine["backend"] != "cpu" else None
     if machine["backend"] != "cpu" and peak is None:
         notes.append(f"no bf16 peak listed for {machine['device_kind']!r}: MFU left blank, see % matmul")
     if machine["backend"] != "cpu":
         notes.append("each framework runs on one device, the first; float32 matmuls use each one's default precision")
-    rows = [summarize(s, f, v, r, matmul_gflops, peak) for (s, f, v), r in runs.items()]
+    if "dots" in remats and "peft" in frameworks:
+        notes.append("remat dots: jaxtok only (PEFT has no policy that keeps the matmul outputs only)")
+    rows = [summarize(key, r, matmul_gflops[key[1]], peak) for key, r in runs.items()]
     failed = sum(row["failed_runs"] for row in rows)
     if failed:
         notes.append(f"{failed} of {sum(len(row['runs']) for row in rows)} runs failed; results.json has their errors")
@@ -582,10 +612,11 @@ def main() -> None:
                      cpu=cpu_model(), cpu_count=os.cpu_count()),
         versions=versions(),
         settings=dict(shapes={s: dataclasses.asdict(SHAPES[s]) for s in shapes}, frameworks=frameworks,
-                      variants=variants, dtype=args.dtype, remat=args.remat, attention=args.attention,
+                      variants=variants, dtypes=dtypes, remats=remats, attention=args.attention,
                       loss_chunk=args.loss_chunk, repeats=args.repeats, warmup=args.warmup, steps=args.steps,
                       lora=dict(rank=RANK, alpha=ALPHA, targets="all-linear"), token_ids=list(TOKEN_IDS), lr=LR),
-        matmul=dict(gflops=matmul_gflops, size=matmuls[0]["size"], runs=[m["gflops"] for m in matmuls]),
+        matmul={dtype: dict(gflops=matmul_gflops[dtype], size=found[0]["size"], runs=[m["gflops"] for m in found])
+                for dtype, found in matmuls.items()},
         peak_flops=peak, notes=notes, results=rows, ratios=ratios(rows),
     )
     table = markdown(report)

@@ -5,6 +5,12 @@
 
 The last line printed is one JSON object: {"eval_loss": mean next-token cross-entropy over all predicted tokens,
 "tokens": how many tokens were predicted}.
+
+Examples:
+
+    python scripts/eval.py --model runs/demo/merged --data held_out.jsonl --seq-len 128
+    python scripts/eval.py --model meta-llama/Llama-3.2-1B --adapter runs/llama32/adapter --data held_out.jsonl \\
+                           --seq-len 2048 --dtype bfloat16
 """
 
 import argparse
@@ -43,7 +49,7 @@ def main() -> None:
         model, params, adapters, tokenizer = apply_adapter(args.adapter, model, params, tokenizer)
     rows = tokenize_texts(tokenizer, texts, args.seq_len)
     result = evaluate(model, {"params": params, **adapters}, rows, args.seq_len, args.batch_size)
-    print(json.dumps(result))
+    print(json.dumps({"eval_loss": result["eval_loss"], "tokens": result["tokens"]}))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@
 
 The run's own config (OUTPUT_DIR/run_config.json) rebuilds the model and tokenizer; the checkpoint supplies LoRA and
 token rows. The target is written to a temporary directory and renamed into place.
+
+Examples:
+
+    python scripts/export.py --run runs/demo --format merged --out runs/demo/merged-bf16 --dtype bfloat16
+    python scripts/export.py --run runs/llama32 --step 1000 --format peft --out runs/llama32/adapter-1000
 """
 
 import argparse
@@ -22,19 +27,27 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args()
 
+    from jaxtok import trainable as trainable_lib
     from jaxtok.atomic import check_target
+    from jaxtok.errors import JaxtokError
     from jaxtok.export import export_merged, export_peft
-    from jaxtok.train import load_run
+    from jaxtok.train import load_run, peft_view
 
     check_target(Path(args.out), args.overwrite)  # fail before the slow part
     config, setup, frozen, state = load_run(args.run, args.step)
-    adapters = {k: v for k, v in state.trainable.items() if k in ("lora", "tokens")}
+    # as the run's own export (train._finish): lora+full trains the embedding and head in params
+    variables = trainable_lib.merge(frozen, state.trainable)
+    adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
     if args.format == "peft":
-        export_peft(args.out, setup.model, adapters, setup.model_path, tokenizer=setup.tokenizer,
+        if trainable_lib.method(config.train.method).full:
+            raise JaxtokError(f"{args.run} trained with train.method={config.train.method}: the whole embedding and "
+                              "head, which a PEFT adapter does not hold; export --format=merged")
+        model, peft_adapters = peft_view(setup, variables)  # lora: the added tokens' frozen rows
+        export_peft(args.out, model, peft_adapters, setup.model_path, tokenizer=setup.tokenizer,
                     added_ids=setup.added_ids, overwrite=args.overwrite)
     else:
         dtype = args.dtype or config.export.merged_dtype or config.model.dtype
-        export_merged(args.out, setup.model, frozen["params"], adapters, tokenizer=setup.tokenizer, dtype=dtype,
+        export_merged(args.out, setup.model, variables["params"], adapters, tokenizer=setup.tokenizer, dtype=dtype,
                       overwrite=args.overwrite)
     print(f"wrote {args.out} (step {int(state.step)})")
 

@@ -1,12 +1,25 @@
-"""Shared fixtures: tiny HF checkpoints built once per session and cached by their arguments."""
+"""Shared fixtures: tiny HF checkpoints built once per session and cached by their arguments.
+
+Compiled XLA programs are cached on disk for the session (JAX's persistent compilation cache), so the many runs of
+scripts/train.py that the tests start as subprocesses compile each tiny program once rather than once per process.
+The cache holds the same executables a fresh compile gives, so bit-for-bit checks are unaffected.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
+import tempfile
 
-import pytest
+_XLA_CACHE = tempfile.mkdtemp(prefix="jaxtok-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)  # before jax is imported, here and in subprocesses
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny programs compile fast, but often
 
-import tiny
+import pytest  # noqa: E402
+
+import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +51,9 @@ def copy_checkpoint(checkpoint, tmp_path):
 
     return get
 
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory) -> tiny.UntrainedRun:
+    """One short run with tokens.train_untrained=True (`tiny.untrained_run`), shared by the tests of untrained rows
+    and of generation from a run folder."""
+    return tiny.untrained_run(tmp_path_factory.mktemp("untrained_run"))

@@ -55,18 +55,34 @@ def test_tiny_run_reports_every_variant_of_both_frameworks(tiny_run):
         assert (row["xla_temp_mib"] is not None) == (framework == "jaxtok")  # PEFT on CPU has none
     for variant in ("lora", "lora+rows", "lora+full"):  # both frameworks train the same parameters
         assert rows["jaxtok", variant]["trainable_params"] == rows["peft", variant]["trainable_params"]
-    assert report["matmul"]["gflops"] > 0
+    assert report["matmul"]["float32"]["gflops"] > 0
     assert report["machine"]["backend"] == "cpu" and report["versions"]["jax"]
-    ratios = report["ratios"]["tiny"]
+    ratios = report["ratios"]["tiny/float32/remat=none"]
     assert set(ratios["jaxtok/peft"]) == {"lora", "lora+rows", "lora+full"}
     assert set(ratios["rows/lora"]) == set(ratios["full/lora"]) == {"jaxtok", "peft"}
     assert all(r > 0 for group in ratios.values() for r in group.values())
 
     table = (out / "results.md").read_text()
-    assert "| shape | framework | variant | ms/step |" in table
-    assert table.count("| tiny |") == 6
+    assert "| shape | dtype | remat | framework | variant | ms/step |" in table
+    assert table.count("| tiny | float32 | none |") == 6
     assert report["machine"]["cpu"] in table and "peft " in table
     assert table.strip() in proc.stdout  # printed at the end too
+
+
+def test_a_sweep_of_dtype_and_remat_has_a_row_per_setting(tmp_path):
+    proc = run("--shape", "tiny", "--variants", "lora", "--dtype", "bfloat16", "--remat", "full,dots", "--repeats",
+               "1", "--steps", "1", "--warmup", "0", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["dtype"], r["remat"], r["framework"]): r for r in report["results"]}
+    # PEFT's gradient checkpointing is remat "full"; it has nothing like "dots"
+    assert set(rows) == {("bfloat16", "full", "jaxtok"), ("bfloat16", "dots", "jaxtok"), ("bfloat16", "full", "peft")}
+    assert all(r["error"] is None and r["ms_per_step"] > 0 for r in rows.values())
+    assert set(report["matmul"]) == {"bfloat16"} and report["matmul"]["bfloat16"]["gflops"] > 0
+    assert report["ratios"]["tiny/bfloat16/remat=full"]["jaxtok/peft"]["lora"] > 0
+    assert report["ratios"]["tiny/bfloat16/remat=dots"]["jaxtok/peft"] == {}
+    assert "| tiny | bfloat16 | dots | jaxtok | lora |" in (tmp_path / "results.md").read_text()
+    assert any("remat dots: jaxtok only" in note for note in report["notes"])
 
 
 def test_step_flops_against_a_hand_count():
@@ -106,6 +122,7 @@ def test_the_1b_shape_is_llama_3_2_1b():
     (("--shape", "tiny", "--variants", "lora,full"), "error: unknown variant 'full'"),
     (("--frameworks", "torch"), "error: unknown framework 'torch'"),
     (("--dtype", "float16"), "error: unknown dtype 'float16'"),
+    (("--remat", "none,some"), "error: unknown remat policy 'some'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc = run(*args, "--out", str(tmp_path))

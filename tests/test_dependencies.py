@@ -17,11 +17,14 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-USER_SCRIPTS = ("train.py", "eval.py", "export.py")  # benchmark.py compares with torch and needs the test extra
+# benchmark.py compares with torch and needs the test extra
+USER_SCRIPTS = ("train.py", "eval.py", "export.py", "compare.py")
 
 # Imports a user never reaches without asking for them.
 OPTIONAL = {
-    "torch": "hf_io reads pytorch_model.bin only with model.allow_pickle=True, and says to install torch",
+    "torch": "hf_io reads pytorch_model.bin only with model.allow_pickle=True, and says to install torch; "
+             "compare.py --frameworks peft (the peft extra)",
+    "peft": "compare.py --frameworks peft only, which says to install the peft extra when it is missing",
 }
 
 

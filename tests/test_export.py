@@ -239,6 +239,6 @@ def test_adapters_peft_could_not_reproduce_are_refused(setup, tmp_path):
         export_peft(tmp_path / "a", no_head, s.adapters, "base", s.tokenizer, added_ids=s.added)
     with pytest.raises(JaxtokError, match="needs its tokenizer"):
         export_peft(tmp_path / "a", s.model, s.adapters, "base", added_ids=s.added)
-    with pytest.raises(JaxtokError, match="at least one LoRA target"):
+    with pytest.raises(JaxtokError, match="one token_indices list for every layer"):  # no LoRA: TRAINABLE_TOKENS
         export_peft(tmp_path / "a", s.model.clone(lora=None), {"tokens": s.adapters["tokens"]}, "base")
     assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,8 @@
 """jaxtok.generate decodes what transformers' `generate` decodes: greedy token for token, eos, and sampling filters.
 
 Every `generate` call compiles once per (model, batch, prompt length, new tokens, sampling settings, eos); the tests
-share a few such shapes so the file compiles eight programs in all (seven decoders, one forward pass).
+share a few such shapes so the file compiles eight programs in all (seven decoders, one forward pass), and
+`stream` two more (its prefill and its step).
 """
 
 from __future__ import annotations
@@ -161,3 +162,18 @@ def test_top_p_zero_keeps_only_the_most_likely_token(models):
     hf, model, params = models(False)
     out = generate(model, {"params": params}, [SAMPLE_PROMPT] * SAMPLE_ROWS, NEW, temperature=1.0, top_p=0.0, seed=0)
     assert out == [hf_greedy(hf, SAMPLE_PROMPT)] * SAMPLE_ROWS
+
+
+def test_stream_equals_hf_and_compiles_once_for_prompts_of_one_bucket(models):
+    from jaxtok.generate import _stream_start, _stream_step, bucket, stream
+
+    hf, model, params = models(False)
+    assert len({bucket(len(p)) for p in PROMPTS}) == 1
+    compiled = _stream_start._cache_size(), _stream_step._cache_size()
+    for prompt in PROMPTS:
+        assert list(stream(model, {"params": params}, prompt, NEW)) == hf_greedy(hf, prompt)
+    assert (_stream_start._cache_size(), _stream_step._cache_size()) == (compiled[0] + 1, compiled[1] + 1)
+    # it stops after the first stop token, which it yields
+    plain = hf_greedy(hf, PROMPTS[0])
+    k = next(k for k in range(1, NEW) if plain[k] not in plain[:k])
+    assert list(stream(model, {"params": params}, PROMPTS[0], NEW, stop_ids=(plain[k], 10**6))) == plain[: k + 1]

@@ -62,6 +62,31 @@ def test_fused_loss_and_gradients_equal_the_full_logits(layout, with_rows, chunk
     assert float(fused(head, x)[1]) == float(jnp.sum(mask[:, 1:]))
 
 
+@pytest.mark.parametrize("layout", ["vd", "dv"], ids=["tied", "untied"])
+@pytest.mark.parametrize("chunk", [1, 5, 0])
+def test_fused_hits_count_the_argmax_targets_of_the_full_logits(layout, chunk):
+    x, tokens, mask, rng = inputs()
+    head = heads(rng, layout, with_rows=True)
+    scored = np.asarray(mask) * np.isin(np.asarray(tokens), IDS)
+    scored[:, 0] = 0
+    # the first scored target becomes its position's argmax: x there points along the target's effective row
+    (b, t), *_ = zip(*np.nonzero(scored))
+    one_hot = jax.nn.one_hot(jnp.asarray([[int(tokens[b, t])]]), V)[None]  # [1, 1, 1, V]
+    row_D = jax.grad(lambda z: jnp.sum(head.logits(z[None, None]) * one_hot))(jnp.zeros(D))
+    x = x.at[b, t - 1].set(20 * row_D / jnp.linalg.norm(row_D))
+    logits = np.asarray(head.logits(x))
+    predicted = logits[:, :-1].argmax(-1)
+    hits_want = int(((predicted == np.asarray(tokens)[:, 1:]) * scored[:, 1:]).sum())
+    total, count, hits, n = fused_next_token_loss(head, x, tokens, mask, chunk, jnp.asarray(scored))
+    want_total, want_count = reference(head, x, tokens, mask)
+    np.testing.assert_allclose(total, want_total, rtol=1e-6)
+    assert float(count) == float(want_count) and float(n) == scored[:, 1:].sum()
+    assert int(hits) == hits_want >= 1
+    # every target scored: the hits are the plain next-token accuracy
+    all_hits = fused_next_token_loss(head, x, tokens, mask, chunk, mask)[2]
+    assert int(all_hits) == int(((predicted == np.asarray(tokens)[:, 1:]) * np.asarray(mask)[:, 1:]).sum())
+
+
 def test_auto_chunk_keeps_the_logits_under_the_budget():
     assert auto_chunk(2, 512, 1000) == 512  # small logits: one chunk
     chunk = auto_chunk(4, 2048, 128_256, budget=64 * 2**20)

@@ -37,8 +37,9 @@ def compiled(vocab: int, k: int, tied: bool, full_embeddings: bool = False):
     model = Llama(config, lora=LoraConfig(rank=8, targets="all-linear"),
                   token_rows=TokenRows(ids, () if tied else ids))
     init = lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))  # noqa: E731
-    trainable_tree, frozen = trainable.split(dict(jax.eval_shape(init)), full_embeddings)
-    optimizer = make_optimizer(OptimConfig(), trainable.labels(trainable_tree, full_embeddings))
+    method = "lora+full" if full_embeddings else "lora+rows"
+    trainable_tree, frozen = trainable.split(dict(jax.eval_shape(init)), method)
+    optimizer = make_optimizer(OptimConfig(), trainable.labels(trainable_tree, method))
     state = jax.eval_shape(lambda t: init_state(t, optimizer, 0), trainable_tree)
     batch = {name: jax.ShapeDtypeStruct((1, B, T), jnp.int32)
              for name in ("tokens", "positions", "segment_ids", "loss_mask")}

@@ -89,6 +89,12 @@ def _torch_run(hf_model, tied, adapters, batches):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_five_steps_match_peft(checkpoint, tied):
     directory, hf_model = checkpoint(tied=tied)
+    check_five_steps(directory, hf_model, tied)
+
+
+def check_five_steps(directory, hf_model, tied: bool):
+    """Five AdamW steps of jaxtok and of PEFT + torch from the same adapters on the same batches give the same losses,
+    adapters and logits. Returns (model, its variables after training, the PEFT model after training, the batches)."""
     base_model, params = load_pretrained(str(directory))
     rows = TokenRows(IDS, () if tied else IDS)
     model = base_model.clone(lora=LoraConfig(rank=4, alpha=8, targets=TARGETS), token_rows=rows)
@@ -102,7 +108,8 @@ def test_five_steps_match_peft(checkpoint, tied):
     trainable_tree, frozen = trainable.split({"params": params, **jax.tree.map(jnp.asarray, adapters)})
     optimizer = make_optimizer(OPTIM, trainable.labels(trainable_tree))
     step = make_train_step(model, optimizer, schedule(OPTIM, OPTIM.lr))
-    state = init_state(trainable_tree, optimizer, seed=0)
+    # committed to the device, as the step's outputs are: the second step then reuses the first one's program
+    state = jax.device_put(init_state(trainable_tree, optimizer, seed=0), jax.devices()[0])
     losses = []
     for batch in batches:
         segments = jnp.asarray(batch["segments"])[None]
@@ -122,8 +129,10 @@ def test_five_steps_match_peft(checkpoint, tied):
     tokens = batches[0]["tokens"]
     with torch.no_grad():
         ref = peft_model(input_ids=torch.tensor(tokens)).logits.numpy()
-    logits, _ = model.apply(trainable.merge(frozen, state.trainable), jnp.asarray(tokens))
+    variables = trainable.merge(frozen, state.trainable)
+    logits, _ = model.apply(variables, jnp.asarray(tokens))
     assert tiny.rel_err(np.asarray(logits), ref) < 1e-5
+    return model, variables, peft_model, batches
 
 
 def test_peft_names_round_trip(checkpoint):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -68,6 +67,15 @@ def test_short_run_end_to_end(finished_run):
     merged = json.loads((out / "merged" / "config.json").read_text())
     assert merged["vocab_size"] == 301 and merged["tie_word_embeddings"] is False
     assert "sample: 'The cat' ->" in result.stdout + result.stderr
+    # exports are readable like any file the user writes (safetensors writes through a private temporary file)
+    probe = out / "probe"
+    probe.touch()
+    user_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    written = [out / "metrics.jsonl", out / "run_config.json", *[f for d in ("adapter", "merged", "tokenizer")
+                                                                 for f in (out / d).rglob("*")]]
+    assert {f.relative_to(out).as_posix(): oct(f.stat().st_mode & 0o777) for f in written if f.is_file()} == {
+        f.relative_to(out).as_posix(): oct(user_mode) for f in written if f.is_file()}
 
 
 def test_killed_run_resumes_to_the_same_adapter(files, tmp_path):
@@ -99,16 +107,8 @@ def test_killed_run_resumes_to_the_same_adapter(files, tmp_path):
 
 def _run_in_process(argv: list[str], capsys) -> tuple[int, str]:
     """Runs scripts/train.py in this process (same code path as the command), returning (exit code, stderr)."""
-    old = sys.argv
-    sys.argv = [str(SCRIPT), *argv]
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
+    code, _, err = tiny.run_script(SCRIPT, argv, capsys)
+    return code, err
 
 
 def _bad_inputs(files: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
@@ -128,7 +128,8 @@ def _bad_inputs(files: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--config.model.path=/nonexistent/model"], "model directory /nonexistent/model does not exist"),
         ([f"--config.model.path={mistral}"], "MistralForCausalLM"),
         ([f"--config.model.path={corrupt}"], "truncated or corrupt"),
-        (["--config.tokens.train=('<|nope|>',)"], "unknown token '<|nope|>'"),
+        (["--config.tokens.train=('<|nope|>',)"], "tokens.train: unknown token '<|nope|>'"),
+        (["--config.sample.stop=<|eot_id|>"], "sample.stop: unknown token '<|eot_id|>'"),
         (["--config.tokens.add=('<|a|>', '<|a|>')"], "listed twice"),
         (["--config.tokens.train=(5000,)"], "token id 5000 is out of range"),
         (["--config.data.train=/nonexistent.jsonl"], "/nonexistent.jsonl"),

@@ -50,7 +50,7 @@ def test_labels_cover_every_variable(checkpoint):
     assert set(jax.tree.leaves(labels["params"])) == {"frozen"}
     assert set(jax.tree.leaves(labels["lora"])) == {"lora"}
     assert labels["tokens"] == {"embed": "tokens", "head": "tokens"}
-    full = trainable.labels(variables, full_embeddings=True)
+    full = trainable.labels(variables, "lora+full")
     assert full["params"]["embed"] == full["params"]["lm_head"] == "embeddings"
     assert full["params"]["final_norm"]["scale"] == "frozen"
     with pytest.raises(ValueError, match="unknown variable collection"):
@@ -59,8 +59,16 @@ def test_labels_cover_every_variable(checkpoint):
     train, frozen = trainable.split(variables)
     assert set(train) == {"lora", "tokens"} and set(frozen) == {"params"}
     jax.tree.map(np.testing.assert_array_equal, trainable.merge(frozen, train), variables)
-    train, frozen = trainable.split(variables, full_embeddings=True)
+    train, frozen = trainable.split(variables, "lora+full")
     assert set(train["params"]) == {"embed", "lm_head"} and "embed" not in frozen["params"]
+    # each method trains its own part of the same variables; the rest stays frozen
+    for method, trained in {"lora": {"lora"}, "lora+rows": {"lora", "tokens"}, "lora+full": {"lora", "params"},
+                            "rows": {"tokens"}}.items():
+        train, frozen = trainable.split(variables, method)
+        assert set(train) == trained, method
+        jax.tree.map(np.testing.assert_array_equal, trainable.merge(frozen, train), variables)
+    with pytest.raises(JaxtokError, match="unknown method 'full'; choose from lora, lora\\+rows, lora\\+full, rows"):
+        trainable.label(("lora", "a"), "full")
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

@@ -6,6 +6,7 @@ Import from tests as `import tiny` (pytest puts the tests directory on sys.path)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -75,18 +76,25 @@ def make_checkpoint(
     seed: int = 0,
     spelling: str = "v5",
     max_position_embeddings: int = 64,
+    family: str = "llama",
+    **family_config,
 ) -> transformers.LlamaForCausalLM:
     """Saves a random `LlamaForCausalLM` to `dir` and returns the float32 torch model its saved weights describe.
+
+    `family` (a key of FAMILY_CLASSES: llama, mistral, qwen2, qwen3) saves that family's model instead, and
+    `family_config` are further keys of its config, e.g. `sliding_window=4` or `attention_bias=True`.
 
     `rope` holds the HF RoPE parameters besides theta, e.g. `{"rope_type": "linear", "factor": 2.0}`.
     `spelling`: "v5" as transformers 5 writes config.json; "v4" with top-level `rope_theta`, `rope_scaling`
     (`rope_type` key) and `torch_dtype`; "v4-type" like "v4" but with the older `type` key in `rope_scaling`.
-    Norm weights are randomised too (HF initialises them to ones) so swapped norms cannot go unnoticed.
+    Norm weights and biases are randomised too (HF initialises them to ones and zeros) so swapped norms or biases
+    cannot go unnoticed.
     """
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, **(rope or {})}
-    config = transformers.LlamaConfig(
+    config_class, model_class = FAMILY_CLASSES[family]
+    config = config_class(
         vocab_size=vocab,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -101,14 +109,17 @@ def make_checkpoint(
         rope_parameters=rope_parameters,
         bos_token_id=0,
         eos_token_id=1,
+        **family_config,
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    model = model_class(config)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
     reference_config = copy.deepcopy(config)
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
@@ -119,9 +130,18 @@ def make_checkpoint(
         return model.eval()
     # A fresh float32 model holding the rounded weights: `model.float()` would keep the RoPE `inv_freq` buffer that
     # `.to(dtype)` rounded, which no model loaded from this checkpoint has.
-    reference = transformers.LlamaForCausalLM(reference_config).float()
+    reference = model_class(reference_config).float()
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     return reference.eval()
+
+
+# model_type -> (config class, model class) of transformers
+FAMILY_CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
 
 
 def rewrite_config_v4(dir, use_type_key: bool = False) -> dict:
@@ -225,21 +245,114 @@ def jax_logits(model, params, tokens, positions=None, segment_ids=None, jit=True
 NEW_TOKEN = "<|x|>"
 
 
-def write_run_files(root, *, vocab: int, rows: int, eval_rows: int = 0, **config) -> Path:
+def write_run_files(root, *, vocab: int, rows: int, eval_rows: int = 0, checkpoint: dict | None = None,
+                    **config) -> Path:
     """A tiny untied checkpoint with a tokenizer (root/model), text data that uses the new token NEW_TOKEN
     (root/train.jsonl, and root/eval.jsonl with `eval_rows`), and root/config.py: default_config() with the model, the
-    data, that token and `config` ({"train.steps": 4, ...}, values written with repr) set."""
+    data, that token and `config` ({"train.steps": 4, ...}, values written with repr) set. `checkpoint`: further
+    arguments of `make_checkpoint` (another family, a tied head, ...)."""
     root = Path(root)
-    make_checkpoint(root / "model", tied=False, vocab=vocab)
+    make_checkpoint(root / "model", **{"tied": False, "vocab": vocab, **(checkpoint or {})})
     make_tokenizer(root / "model")
     for name, count in (("train.jsonl", rows), ("eval.jsonl", eval_rows)):
         with open(root / name, "w") as f:
             for i in range(count):
                 f.write(json.dumps({"text": f"{CORPUS[i % len(CORPUS)]} {NEW_TOKEN} {i % 7}"}) + "\n")
+    write_config(root, **{"data.eval": str(root / "eval.jsonl") if eval_rows else "", **config})
+    return root
+
+
+def write_config(root, **config) -> Path:
+    """root/config.py: default_config() with root/model, root/train.jsonl, tokens.add=(NEW_TOKEN,),
+    tokens.train=("<|end_of_text|>",) and `config` set."""
+    root = Path(root)
     settings = {"model.path": str(root / "model"), "model.dtype": "float32", "data.train": str(root / "train.jsonl"),
-                "data.eval": str(root / "eval.jsonl") if eval_rows else "", "tokens.add": (NEW_TOKEN,),
-                "tokens.train": ("<|end_of_text|>",), **config}
+                "tokens.add": (NEW_TOKEN,), "tokens.train": ("<|end_of_text|>",), **config}
     lines = [f"    c.{key} = {value!r}\n" for key, value in settings.items()]
     (root / "config.py").write_text("from jaxtok.run_config import default_config\n\n\ndef get_config():\n"
                                     "    c = default_config()\n" + "".join(lines) + "    return c\n")
-    return root
+    return root / "config.py"
+
+
+def damage_rows(dir, *, embed_zero=(), embed_scale=(), head_zero=(), head_scale=(), factor: float = 1e-4) -> None:
+    """Makes rows of `dir`'s checkpoint look untrained, as Llama 3 base ships some: embedding (and head) rows set to
+    zero, or scaled by `factor`. Edited with torch, so bfloat16 checkpoints work too."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(dir) / "model.safetensors"
+    tensors = load_file(path)
+    for name, zero, scale in (("model.embed_tokens.weight", embed_zero, embed_scale),
+                              ("lm_head.weight", head_zero, head_scale)):
+        if zero or scale:
+            rows = tensors[name].clone()
+            rows[list(zero)] = 0
+            rows[list(scale)] *= factor
+            tensors[name] = rows
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@dataclasses.dataclass
+class UntrainedRun:
+    """A finished short run of scripts/train.py with tokens.train_untrained=True (see `untrained_run`)."""
+
+    root: Path  # model/ (the damaged base), train.jsonl, config.py
+    out: Path  # the run's output_dir
+    log: str  # its stdout and stderr
+    damaged: dict  # {"embed_zero": ids, ...}: the rows made untrained
+    unused: int  # a damaged id the data never use
+    added: int  # the id of NEW_TOKEN
+    trained: tuple  # tokens.train: an ordinary id and a damaged one
+
+
+def untrained_run(root) -> UntrainedRun:
+    """Trains 4 steps, untied head, on a checkpoint with embedding rows zeroed and scaled down and head rows scaled
+    down and zeroed, all of tokens every training row uses, and one zeroed row of a token no row uses; with
+    tokens.add (NEW_TOKEN) and tokens.train (an ordinary token and one of the damaged ones)."""
+    import subprocess
+    import sys
+
+    root = Path(root)
+    write_run_files(root, vocab=300, rows=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "model")
+    text = CORPUS[10]  # "The cat sat on the mat and looked at the hat."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    middle = list(dict.fromkeys(ids[1:-2]))  # every one has a next token to predict in every row
+    rows = [f"{text} {NEW_TOKEN} {CORPUS[i % len(CORPUS)][:12]}" for i in range(16)]
+    used = {t for row in rows for t in tokenizer(row)["input_ids"]}
+    unused = next(i for i in range(250, 2, -1) if i not in used)
+    damaged = {"embed_zero": middle[:1], "embed_scale": middle[1:2], "head_scale": middle[2:3],
+               "head_zero": middle[3:4]}
+    damage_rows(root / "model", embed_zero=damaged["embed_zero"] + [unused], embed_scale=damaged["embed_scale"],
+                head_scale=damaged["head_scale"], head_zero=damaged["head_zero"])
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+    trained = (middle[4], damaged["embed_scale"][0])
+    write_config(root, **{
+        "tokens.train": trained, "tokens.train_untrained": True, "lora.rank": 2, "optim.lr": 1e-2,
+        "optim.token_lr": 5e-2, "train.steps": 4, "train.batch_size": 4, "train.seq_len": 32, "train.save_every": 2,
+        "train.log_every": 2, "sample.max_new_tokens": 0})
+    out = root / "run"
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "train.py"),
+                             f"--config={root / 'config.py'}", f"--config.output_dir={out}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return UntrainedRun(root, out, result.stdout + result.stderr, damaged, unused, 300, trained)
+
+
+def run_script(script, argv, capsys, stdin: str = "") -> tuple[int, str, str]:
+    """Runs a script of scripts/ in this process, on the command's own code path but without starting Python and
+    importing jax again: (exit code, stdout, stderr), `stdin` as its standard input."""
+    import io
+    import runpy
+    import sys
+
+    old_argv, old_stdin = sys.argv, sys.stdin
+    sys.argv, sys.stdin = [str(script), *map(str, argv)], io.StringIO(stdin)
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv, sys.stdin = old_argv, old_stdin
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
