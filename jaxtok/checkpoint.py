@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -143,7 +144,12 @@ def _reason(e: BaseException) -> str:
 
 class _quiet:
     """Silences what orbax and its storage threads print while a checkpoint is tried (logs, and tracebacks that
-    tensorstore's threads print straight to the stderr file descriptor): a failure becomes one warning line."""
+    tensorstore's threads print straight to the stderr file descriptor): a failure becomes one warning line.
+
+    After a failure the threads go on printing for a moment (longer on a loaded machine), so stderr stays redirected
+    until what they write has been still for half a second (at most 10 s). asyncio's logger stays silenced: it would
+    report the abandoned reads again when the process exits.
+    """
 
     def __enter__(self):
         self.level = absl_logging.get_verbosity()
@@ -151,15 +157,21 @@ class _quiet:
         logging.disable(logging.CRITICAL)
         sys.stderr.flush()
         self.saved_fd = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
+        self.sink = tempfile.TemporaryFile()
+        os.dup2(self.sink.fileno(), 2)
 
     def __exit__(self, exc_type, *exc):
         if exc_type is not None:
-            time.sleep(1.0)  # the storage threads report a failed read for a moment after the restore gives up
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            size, still_since, deadline = -1, time.monotonic(), time.monotonic() + 10
+            while time.monotonic() < deadline and time.monotonic() - still_since < 0.5:
+                time.sleep(0.1)
+                now = os.fstat(self.sink.fileno()).st_size
+                if now != size:
+                    size, still_since = now, time.monotonic()
         sys.stderr.flush()
         os.dup2(self.saved_fd, 2)
         os.close(self.saved_fd)
+        self.sink.close()
         absl_logging.set_verbosity(self.level)
         logging.disable(logging.NOTSET)

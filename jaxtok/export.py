@@ -22,7 +22,14 @@ from jaxtok.errors import JaxtokError
 from jaxtok.llama_config import LlamaConfig
 from jaxtok.merge import merge_adapters
 from jaxtok.model import Llama
-from jaxtok.peft_format import TRAINABLE_TOKENS, adapter_config, check_shapes, peft_type_of, to_peft
+from jaxtok.peft_format import (
+    TRAINABLE_TOKENS,
+    adapter_config,
+    check_shapes,
+    modules_to_save,
+    peft_type_of,
+    to_peft,
+)
 
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -103,7 +110,7 @@ def export_merged(out_dir, model: Llama, params: dict, adapters: dict, tokenizer
 
 
 def export_peft(out_dir, model: Llama, adapters: dict, base_model: str, tokenizer=None,
-                added_ids: Sequence[int] = (), overwrite: bool = False) -> Path:
+                added_ids: Sequence[int] = (), overwrite: bool = False, full_params: Optional[dict] = None) -> Path:
     """A PEFT adapter directory: adapter_config.json, adapter_model.safetensors, README.md, and the tokenizer.
 
     A model with LoRA gives a LoRA adapter (its token rows as `trainable_token_indices`); a model with token rows and
@@ -115,8 +122,13 @@ def export_peft(out_dir, model: Llama, adapters: dict, base_model: str, tokenize
     the ids of tokens added to the base's vocabulary (`jaxtok.vocab.add_tokens`); then `tokenizer` must be given,
     and the adapter must hold the rows of those tokens, since PEFT users resize the base, which fills new rows with
     random values. PEFT's `save_embedding_layers` is never used: the adapter stays small.
+
+    `full_params` (method lora+full): the params whose whole embedding (and untied head) trained. They go in as PEFT's
+    `modules_to_save` (with `ensure_weight_tying` for a tied head), so the adapter carries every row, added ones too.
     """
     rows = model.token_rows
+    if full_params is not None:
+        added_ids = ()  # the whole matrices hold their rows
     missing = [i for i in added_ids if i not in rows.embed_ids]
     if missing:
         raise JaxtokError(f"added tokens {missing} have no trained embedding rows, so PEFT would give them random "
@@ -131,6 +143,9 @@ def export_peft(out_dir, model: Llama, adapters: dict, base_model: str, tokenize
     adapters = jax.device_get(adapters)
     check_shapes(adapters, model)
     tensors = to_peft(adapters, peft_type_of(model), model.config.tie_word_embeddings)
+    if full_params is not None:
+        config, matrices = modules_to_save(config, full_params, model.config.tie_word_embeddings)
+        tensors.update(matrices)
     with atomic_directory(out_dir, overwrite) as tmp:
         _write_json(tmp / "adapter_config.json", config)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=SAFETENSORS_METADATA)

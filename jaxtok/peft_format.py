@@ -426,3 +426,19 @@ def check_shapes(adapters: dict, model: Llama) -> None:
         if tuple(tables[table].shape) != (len(ids), c.hidden_size):
             raise JaxtokError(f"{name} has shape {list(tables[table].shape)}, but {len(ids)} ids and hidden size "
                               f"{c.hidden_size} imply {[len(ids), c.hidden_size]}")
+
+
+def modules_to_save(config: dict, params: dict, tied: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    """`config` with PEFT's `modules_to_save` for the whole embedding (and an untied head), and their tensors, float32
+    in torch's [vocab, hidden] layout, named as PEFT saves them. A tied head gets `ensure_weight_tying`, so PEFT ties
+    it to the trained embedding (without it the head would keep the base's matrix), and is saved as PEFT saves it: a
+    second copy under the head's name."""
+    from jaxtok.convert import TABLE
+
+    hf = {rule.ours: rule.hf for rule in TABLE if rule.ours in (("embed",), ("lm_head",))}
+    embed = np.asarray(params["embed"], np.float32)
+    head = embed if tied else np.asarray(params["lm_head"], np.float32).T
+    modules = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
+    config = {**config, "modules_to_save": modules, "ensure_weight_tying": tied}
+    tensors = {PREFIX + hf[("embed",)]: embed, PREFIX + hf[("lm_head",)]: np.ascontiguousarray(head)}
+    return config, tensors

@@ -521,15 +521,13 @@ def _finish(config, setup: Setup, frozen: dict, state: TrainState, out: Path, lo
     is_main = jax.process_index() == 0
     variables = trainable_lib.merge(frozen, state.trainable)
     adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
-    if config.export.peft and trainable_lib.method(config.train.method).full:
-        log("PEFT adapter: not written (lora+full trains the whole embedding and head, which a PEFT adapter does not "
-            f"hold; {out / 'merged'} has them)")
-    elif config.export.peft:
-        model, peft_adapters = peft_view(setup, variables)
+    if config.export.peft:
+        model, peft_adapters = peft_view(setup, variables, config.train.method)
+        full = _host(variables["params"]) if trainable_lib.method(config.train.method).full else None
         host_adapters = _host(peft_adapters)
         if is_main:
             export_peft(out / "adapter", model, host_adapters, setup.model_path, tokenizer=setup.tokenizer,
-                        added_ids=setup.added_ids, overwrite=True)
+                        added_ids=setup.added_ids, overwrite=True, full_params=full)
             log(f"PEFT adapter: {out / 'adapter'}")
     if config.export.merged:
         host_params, host_adapters = _host(variables["params"]), _host(adapters)
@@ -556,12 +554,13 @@ def _finish(config, setup: Setup, frozen: dict, state: TrainState, out: Path, lo
             log(f"held-out calculator calls: {result['calls_right']}/{result['total']} right")
 
 
-def peft_view(setup: Setup, variables: dict) -> tuple[Llama, dict]:
-    """The model and adapters to export in PEFT's format. A PEFT adapter can bring rows the base lacks only as
-    trainable tokens, so where the method left the rows of added tokens frozen (lora), their initial rows go in as
-    token rows that did not train."""
+def peft_view(setup: Setup, variables: dict, method: str) -> tuple[Llama, dict]:
+    """The model and adapters to export in PEFT's format. A PEFT LoRA adapter can bring rows the base lacks only as
+    trainable tokens (or whole matrices, lora+full's), so where the method left the rows of added tokens frozen
+    (lora), their initial rows go in as token rows that did not train."""
     model, rows = setup.model, setup.model.token_rows
-    missing = tuple(i for i in setup.added_ids if i not in rows.embed_ids)
+    full = trainable_lib.method(method).full
+    missing = () if full else tuple(i for i in setup.added_ids if i not in rows.embed_ids)
     adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
     if not missing:
         return model, adapters

@@ -29,7 +29,6 @@ def main() -> None:
 
     from jaxtok import trainable as trainable_lib
     from jaxtok.atomic import check_target
-    from jaxtok.errors import JaxtokError
     from jaxtok.export import export_merged, export_peft
     from jaxtok.train import load_run, peft_view
 
@@ -39,12 +38,11 @@ def main() -> None:
     variables = trainable_lib.merge(frozen, state.trainable)
     adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
     if args.format == "peft":
-        if trainable_lib.method(config.train.method).full:
-            raise JaxtokError(f"{args.run} trained with train.method={config.train.method}: the whole embedding and "
-                              "head, which a PEFT adapter does not hold; export --format=merged")
-        model, peft_adapters = peft_view(setup, variables)  # lora: the added tokens' frozen rows
+        method = config.train.method
+        model, peft_adapters = peft_view(setup, variables, method)  # lora: the added tokens' frozen rows
+        full = variables["params"] if trainable_lib.method(method).full else None  # lora+full: whole matrices
         export_peft(args.out, model, peft_adapters, setup.model_path, tokenizer=setup.tokenizer,
-                    added_ids=setup.added_ids, overwrite=args.overwrite)
+                    added_ids=setup.added_ids, overwrite=args.overwrite, full_params=full)
     else:
         dtype = args.dtype or config.export.merged_dtype or config.model.dtype
         export_merged(args.out, setup.model, variables["params"], adapters, tokenizer=setup.tokenizer, dtype=dtype,

@@ -242,3 +242,31 @@ def test_adapters_peft_could_not_reproduce_are_refused(setup, tmp_path):
     with pytest.raises(JaxtokError, match="one token_indices list for every layer"):  # no LoRA: TRAINABLE_TOKENS
         export_peft(tmp_path / "a", s.model.clone(lora=None), {"tokens": s.adapters["tokens"]}, "base")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lora_full_adapter_carries_the_whole_matrices(setup, tied, tmp_path):
+    """lora+full: LoRA plus the trained embedding (and untied head) as PEFT's modules_to_save; PEFT ties a tied
+    head to the trained embedding (ensure_weight_tying) and gives jaxtok's logits."""
+    from jaxtok.tokens import TokenRows
+
+    s = setup(tied)
+    model = s.model.clone(token_rows=TokenRows())
+    rs = np.random.RandomState(3)
+    params = jax.tree.map(np.asarray, s.params)
+    params["embed"] = params["embed"] + 0.05 * rs.randn(*params["embed"].shape).astype(np.float32)
+    if not tied:
+        params["lm_head"] = params["lm_head"] + 0.05 * rs.randn(*params["lm_head"].shape).astype(np.float32)
+    adapters = {"lora": s.adapters["lora"]}
+    want, _ = jax.jit(model.apply)({"params": params, **adapters}, s.tokens)
+    export_peft(tmp_path / "adapter", model, adapters, str(s.directory), tokenizer=s.tokenizer,
+                added_ids=s.added, full_params=params)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == (["embed_tokens"] if tied else ["embed_tokens", "lm_head"])
+    assert config["ensure_weight_tying"] is tied
+    base = transformers.AutoModelForCausalLM.from_pretrained(s.directory, dtype=torch.float32)
+    base.resize_token_embeddings(len(s.tokenizer))
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = adapted(input_ids=torch.tensor(s.tokens, dtype=torch.long)).logits.numpy()
+    assert tiny.rel_err(got, np.asarray(want)) < 1e-5
