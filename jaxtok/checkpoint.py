@@ -13,7 +13,6 @@ previous checkpoints stay as they were.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -26,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from jaxtok.errors import JaxtokError
+from jaxtok.errors import DISK_ERRORS, JaxtokError
 from jaxtok.step import TrainState
 
 
@@ -130,8 +129,7 @@ def _os_error(e: BaseException) -> Optional[OSError]:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                                                  errno.EFBIG):
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
             return e
         e = e.__cause__ or e.__context__
     return None

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from typing import Callable
 
-from jaxtok.errors import JaxtokError, Stopped
-
-# A disk that cannot take a write: the user's problem to fix (free space, permissions), not a bug to trace.
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+from jaxtok.errors import DISK_ERRORS, JaxtokError, Stopped
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -100,3 +96,14 @@ def _one_line(e: Exception) -> str:
     if any(line.startswith("Traceback") for line in lines):
         return f"{lines[0]} {lines[-1]}"  # the error a config file raised, without its traceback
     return " ".join(lines)
+
+
+def comma_names(value: str, allowed, what: str) -> list[str]:
+    """Comma-separated names, each checked against `allowed` (case-sensitive, order kept, duplicates dropped)."""
+    out = []
+    for name in (n.strip() for n in value.split(",")):
+        if name not in allowed:
+            raise JaxtokError(f"unknown {what} {name!r}; choose from {', '.join(allowed)}")
+        if name not in out:
+            out.append(name)
+    return out

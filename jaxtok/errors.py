@@ -5,6 +5,11 @@ that is not a Llama). Scripts catch it, print its message and exit non-zero with
 ordinary exceptions, so they still show a traceback.
 """
 
+import errno
+
+# A disk that cannot take a write: the user's problem to fix (free space, permissions), not a bug to trace.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
 
 class JaxtokError(Exception):
     """A problem with the user's input; the message names the problem and, where possible, the fix."""

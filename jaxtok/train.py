@@ -520,17 +520,18 @@ def _finish(config, setup: Setup, frozen: dict, state: TrainState, out: Path, lo
     """Exports (process 0 writes) and the sample (every process computes it: the model is sharded over them)."""
     is_main = jax.process_index() == 0
     variables = trainable_lib.merge(frozen, state.trainable)
-    adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
+    full = trainable_lib.method(config.train.method).full
+    # gathered once: the merged export needs the params, and lora+full's adapter its whole embedding and head
+    host_params = _host(variables["params"]) if config.export.merged or (config.export.peft and full) else None
     if config.export.peft:
         model, peft_adapters = peft_view(setup, variables, config.train.method)
-        full = _host(variables["params"]) if trainable_lib.method(config.train.method).full else None
         host_adapters = _host(peft_adapters)
         if is_main:
             export_peft(out / "adapter", model, host_adapters, setup.model_path, tokenizer=setup.tokenizer,
-                        added_ids=setup.added_ids, overwrite=True, full_params=full)
+                        added_ids=setup.added_ids, overwrite=True, full_params=host_params if full else None)
             log(f"PEFT adapter: {out / 'adapter'}")
     if config.export.merged:
-        host_params, host_adapters = _host(variables["params"]), _host(adapters)
+        host_adapters = _host(trainable_lib.adapters_of(variables))
         if is_main:
             export_merged(out / "merged", setup.model, host_params, host_adapters, tokenizer=setup.tokenizer,
                           dtype=config.export.merged_dtype or config.model.dtype, overwrite=True)
@@ -561,7 +562,7 @@ def peft_view(setup: Setup, variables: dict, method: str) -> tuple[Llama, dict]:
     model, rows = setup.model, setup.model.token_rows
     full = trainable_lib.method(method).full
     missing = () if full else tuple(i for i in setup.added_ids if i not in rows.embed_ids)
-    adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
+    adapters = trainable_lib.adapters_of(variables)
     if not missing:
         return model, adapters
     tied = model.config.tie_word_embeddings

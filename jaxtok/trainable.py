@@ -96,6 +96,11 @@ def split(variables: dict, method_name: str = DEFAULT_METHOD) -> tuple[dict, dic
     return trainable, frozen
 
 
+def adapters_of(variables: dict) -> dict:
+    """The `lora` and `tokens` collections of `variables`: what a PEFT adapter or a merge takes."""
+    return {k: v for k, v in variables.items() if k in ("lora", "tokens")}
+
+
 def merge(a: dict, b: dict) -> dict:
     """The union of two disjoint variable trees (nested dicts)."""
     out = dict(a)

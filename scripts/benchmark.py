@@ -92,7 +92,7 @@ from typing import NamedTuple, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jaxtok.cli import run_main  # noqa: E402  (jax-free: the parent process never starts a JAX backend)
+from jaxtok.cli import comma_names, run_main  # noqa: E402  (jax-free: the parent process never starts a JAX backend)
 from jaxtok.errors import JaxtokError  # noqa: E402
 
 
@@ -385,17 +385,6 @@ def run_worker(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------------------- the report
 
 
-def names(value: str, allowed, what: str) -> list[str]:
-    """Comma-separated names, each checked against `allowed` (case-sensitive, order kept, duplicates dropped)."""
-    out = []
-    for name in (n.strip() for n in value.split(",")):
-        if name not in allowed:
-            raise JaxtokError(f"unknown {what} {name!r}; choose from {', '.join(allowed)}")
-        if name not in out:
-            out.append(name)
-    return out
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -539,11 +528,11 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         return worker_main(args.worker)
-    shapes = names(",".join(args.shape or ["S"]), SHAPES, "shape")
-    frameworks = names(args.frameworks, FRAMEWORKS, "framework")
-    variants = names(args.variants, VARIANTS, "variant")
-    dtypes = names(args.dtype, DTYPES, "dtype")
-    remats = names(args.remat, REMATS, "remat policy")
+    shapes = comma_names(",".join(args.shape or ["S"]), SHAPES, "shape")
+    frameworks = comma_names(args.frameworks, FRAMEWORKS, "framework")
+    variants = comma_names(args.variants, VARIANTS, "variant")
+    dtypes = comma_names(args.dtype, DTYPES, "dtype")
+    remats = comma_names(args.remat, REMATS, "remat policy")
     if args.attention not in ATTENTIONS:
         raise JaxtokError(f"unknown attention {args.attention!r}; choose from {', '.join(map(repr, ATTENTIONS))}")
     for name in ("repeats", "steps"):

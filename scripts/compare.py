@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from jaxtok.cli import parse_config, run_main  # noqa: E402
+from jaxtok.cli import comma_names, parse_config, run_main  # noqa: E402
 from jaxtok.compare import FRAMEWORKS, PROGRESS, RESULT, start_dir  # noqa: E402
 from jaxtok.errors import JaxtokError  # noqa: E402
 
@@ -45,15 +45,6 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         (config if arg.startswith(("--config=", "--config.")) else rest).append(arg)
         i += 1
     return config, rest
-
-
-def names(value: str, allowed, what: str) -> list[str]:
-    out = []
-    for name in (n.strip() for n in value.split(",")):
-        if name not in allowed:
-            raise JaxtokError(f"unknown {what} {name!r}; choose from {', '.join(allowed)}")
-        out += [name] if name not in out else []
-    return out
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -125,8 +116,8 @@ def main() -> None:
     args, config_args = parse_args(sys.argv[1:])
     if args.worker:
         return worker(args, config_args)
-    methods = names(args.methods, METHODS, "method")
-    frameworks = names(args.frameworks, FRAMEWORKS, "framework")
+    methods = comma_names(args.methods, METHODS, "method")
+    frameworks = comma_names(args.frameworks, FRAMEWORKS, "framework")
     if "peft" in frameworks:
         missing = [p for p in ("torch", "peft") if importlib.util.find_spec(p) is None]
         if missing:

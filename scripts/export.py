@@ -36,7 +36,7 @@ def main() -> None:
     config, setup, frozen, state = load_run(args.run, args.step)
     # as the run's own export (train._finish): lora+full trains the embedding and head in params
     variables = trainable_lib.merge(frozen, state.trainable)
-    adapters = {k: v for k, v in variables.items() if k in ("lora", "tokens")}
+    adapters = trainable_lib.adapters_of(variables)
     if args.format == "peft":
         method = config.train.method
         model, peft_adapters = peft_view(setup, variables, method)  # lora: the added tokens' frozen rows
