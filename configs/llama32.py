@@ -1,4 +1,5 @@
-"""Llama 3.2 1B base (tied head): LoRA r=16 on all linear layers + the chat-template tokens Llama 3 base ships untrained.
+"""Llama 3.2 1B base (tied head): LoRA r=16 on all linear layers + the chat-template tokens Llama 3 base ships
+untrained.
 
     python scripts/train.py --config configs/llama32.py --config.output_dir=runs/llama32
 

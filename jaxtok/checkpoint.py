@@ -1,8 +1,10 @@
 """Training checkpoints with orbax: the trainable state only, never the frozen base.
 
 A checkpoint holds what a resumed run needs to continue bit for bit: the trainable parameters, the optimizer state,
-the step, the RNG (as raw key data) and a small JSON record (data position, token ids, config digest). The base is
-re-read from its checkpoint and the data order is a function of (seed, step), so neither is stored.
+the step, the RNG (as raw key data) and a small JSON record that the training job writes: the step and its epoch, and
+what identifies the run, which a resumed run must match (its method, vocabulary size and token rows' ids, and the
+ids of untrained rows that train, if any). The base is re-read from its checkpoint and the data order is a function
+of (seed, step), so neither is stored.
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed while saving leaves
 the previous checkpoint intact and the next run resumes from it. A checkpoint damaged later (a node that died while
@@ -85,14 +87,15 @@ class Checkpoints:
                 continue
             for bad, reason in failed:
                 aside = self._move_aside(bad)
-                warn(f"warning: checkpoint {self.directory / str(bad)} does not restore ({reason}); moved it to {aside}")
+                warn(f"warning: checkpoint {self.directory / str(bad)} does not restore ({reason}); "
+                     f"moved it to {aside}")
             if failed:
                 self.manager.reload()  # orbax lists the steps once, when it opens the directory
             return restored
         if failed:
             step, reason = failed[0]
-            raise JaxtokError(f"no checkpoint in {self.directory} restores (the newest, step {step}: {reason}); nothing "
-                              "was moved or deleted: move the directory away to start the run over")
+            raise JaxtokError(f"no checkpoint in {self.directory} restores (the newest, step {step}: {reason}); "
+                              "nothing was moved or deleted: move the directory away to start the run over")
         return None
 
     def _move_aside(self, step: int) -> Path:
@@ -112,7 +115,8 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         saved = restored["state"]
-        state = TrainState(saved["step"], saved["trainable"], saved["opt_state"], jax.random.wrap_key_data(saved["rng"]))
+        state = TrainState(saved["step"], saved["trainable"], saved["opt_state"],
+                           jax.random.wrap_key_data(saved["rng"]))
         return state, dict(restored["record"])
 
     def record(self, step: Optional[int] = None) -> dict:
@@ -124,7 +128,7 @@ class Checkpoints:
         self.manager.close()
 
 
-def _os_error(e: BaseException) -> Optional[OSError]:
+def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
     """The OSError of a refused write somewhere in the chain of `e` (orbax wraps what its storage layer raises)."""
     seen = set()
     while e is not None and id(e) not in seen:

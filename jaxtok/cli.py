@@ -69,7 +69,8 @@ def parse_config(argv: list[str], flag_name: str = "config"):
         config = holder.value
         config.keys()  # a file that failed to load gives a stand-in that raises on first use
     except Exception as e:  # a missing file, or any error raised by the file's get_config()
-        raise JaxtokError(f"could not load --{flag_name}={base_values[flag_name].config_filename}: "
+        filename = config_flags.get_config_filename(base_values[flag_name])
+        raise JaxtokError(f"could not load --{flag_name}={filename}: "
                           f"{str(e).strip().splitlines()[-1].strip()}") from None
     for arg in overrides:
         path = arg[len(prefix):].split("=", 1)[0].split(".")

@@ -70,7 +70,7 @@ class Rule:
     transform: str
 
 
-TABLE = (
+TABLE: tuple[Rule, ...] = (
     Rule("model.embed_tokens.weight", ("embed",), "same"),
     Rule("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "scale"), "same"),
     Rule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q_proj", "kernel"), "split_out_heads"),
@@ -90,6 +90,13 @@ TABLE = (
 TABLE += tuple(Rule(r.hf.removesuffix(".weight") + ".bias", r.ours[:-1] + ("bias",), "flatten")
                for r in TABLE if r.ours[-1] == "kernel")
 
+
+def hf_module(ours: tuple[str, ...]) -> str:
+    """The HF module whose weight the row for our parameter `ours` names ("{i}" for the layer), e.g.
+    ("layers", "attn", "q_proj", "kernel") -> "model.layers.{i}.self_attn.q_proj": PEFT names its adapters after it."""
+    return next(rule.hf for rule in TABLE if rule.ours == ours).removesuffix(".weight")
+
+
 # Tensors some checkpoints carry that hold nothing to load: RoPE buffers of old conversions, and the copy of the
 # embedding that some tied checkpoints also save as lm_head.weight.
 IGNORED = re.compile(r"(.*\.rotary_emb\.inv_freq)$")
@@ -103,8 +110,13 @@ def np_dtype(name: str):
     return DTYPES[name]
 
 
+def hf_regex(name: str) -> str:
+    """A regular expression for the HF name `name`, whose "{i}" captures the layer index."""
+    return re.escape(name).replace(re.escape("{i}"), r"(\d+)")
+
+
 def _compile(rule: Rule) -> re.Pattern:
-    return re.compile(re.escape(rule.hf).replace(re.escape("{i}"), r"(\d+)") + "$")
+    return re.compile(hf_regex(rule.hf) + "$")
 
 
 _PATTERNS = [(_compile(rule), rule) for rule in TABLE]
@@ -180,7 +192,7 @@ def load_hf_params(model_dir: Path, model: Llama, allow_pickle: bool = False, sh
     missing = sorted(expected - seen)
     if missing:
         raise JaxtokError(f"checkpoint lacks tensors: {_list(missing)}")
-    params = {}
+    params: dict = {}
     for path, array in buffers.items():
         _set(params, path, array)
     return params

@@ -15,7 +15,7 @@ tokens fall inside the span, so the model learns to stop, as with TRL's `assista
 Every example is truncated to the sequence length and either padded to its own row or packed with others into rows of
 exactly that length. Packed documents get their own segment id (the model attends only within a segment) and
 positions restarting at 0, and the first token of each document is never a target, so nothing in one document is
-learned from another. Arrays are [N, T] int32: `tokens`, `positions`, `segment_ids` (0 = padding), `loss_mask`.
+learned from another. Arrays are [E, T] int32: `tokens`, `positions`, `segment_ids` (0 = padding), `loss_mask`.
 
 `Batches` then serves [A, B, T] batches (A micro-batches of B rows) as a pure function of (seed, step), so a run
 resumed at step s sees exactly the batches it would have seen, without saving any iterator state.
@@ -334,7 +334,7 @@ def _no_first(mask: list[int]) -> list[int]:
 
 
 def build_sequences(examples: Sequence[Example], seq_len: int, packing: bool) -> dict[str, np.ndarray]:
-    """[N, seq_len] int32 arrays `tokens`, `positions`, `segment_ids` (0 = padding) and `loss_mask`.
+    """[E, seq_len] int32 arrays `tokens`, `positions`, `segment_ids` (0 = padding) and `loss_mask`.
 
     Examples are truncated to `seq_len`; those left with fewer than 2 tokens are dropped. Without packing each
     example gets a row; with packing examples are appended to the current row while they fit, in order.
@@ -359,7 +359,9 @@ def build_sequences(examples: Sequence[Example], seq_len: int, packing: bool) ->
 
 
 def _pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
-    rows, current, used = [], [], 0
+    rows: list[list[Example]] = []
+    current: list[Example] = []
+    used = 0
     for example in examples:
         if current and used + len(example[0]) > seq_len:
             rows.append(current)
@@ -377,42 +379,27 @@ def _pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
 class Batches:
     """Batches of A micro-batches of B rows as a pure function of (seed, step).
 
-    Global row g = step*A*B + k is row `perm_e[g % N]` with e = g // N and perm_e a permutation drawn from
+    Global row g = step*A*B + k is row `perm_e[g % E]` with e = g // E and perm_e a permutation drawn from
     `np.random.default_rng((seed, e))`: every epoch sees every row once, and a batch straddling an epoch boundary
-    takes the end of one order and the start of the next. With several processes, each returns its own B/P
-    consecutive rows of every micro-batch.
+    takes the end of one order and the start of the next. Any process can read any rows of a step's batch (`batch`
+    with `rows`); `jaxtok.sharding.global_batch` has each read only the rows its own devices hold.
     """
 
-    def __init__(
-        self,
-        sequences: dict[str, np.ndarray],
-        batch_size: int,
-        micro_batches: int = 1,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
+    def __init__(self, sequences: dict[str, np.ndarray], batch_size: int, micro_batches: int = 1, seed: int = 0):
         if batch_size < 1 or micro_batches < 1:
             raise JaxtokError(f"batch size {batch_size} and micro-batches {micro_batches} must be at least 1")
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise JaxtokError(f"process index {process_index} is not in [0, {process_count})")
-        if batch_size % process_count:
-            raise JaxtokError(
-                f"batch size {batch_size} does not divide among {process_count} processes; use a multiple of it"
-            )
         if seed < 0:
             raise JaxtokError(f"seed {seed} must be non-negative")
         shapes = {key: np.shape(sequences[key]) for key in SEQUENCE_KEYS}
         if len(set(shapes.values())) != 1 or len(shapes["tokens"]) != 2 or shapes["tokens"][0] == 0:
-            raise ValueError(f"sequences must be non-empty [N, T] arrays of one shape, got {shapes}")
-        self.sequences = {key: np.asarray(sequences[key], np.int32) for key in SEQUENCE_KEYS}
+            raise ValueError(f"sequences must be non-empty [E, T] arrays of one shape, got {shapes}")
+        self._sequences = {key: np.asarray(sequences[key], np.int32) for key in SEQUENCE_KEYS}
         self.batch_size, self.micro_batches, self.seed = batch_size, micro_batches, seed
-        self.process_index, self.process_count = process_index, process_count
         self._orders: dict[int, np.ndarray] = {}
 
     @property
     def num_rows(self) -> int:
-        return self.sequences["tokens"].shape[0]
+        return self._sequences["tokens"].shape[0]
 
     @property
     def rows_per_step(self) -> int:
@@ -423,24 +410,26 @@ class Batches:
         """The epoch the first row of `step` belongs to."""
         return step * self.rows_per_step // self.num_rows
 
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        """The [A, B, T] shape of each array of a step's whole (global) batch, by key."""
+        shape = (self.micro_batches, self.batch_size, self._sequences["tokens"].shape[1])
+        return {key: shape for key in self._sequences}
+
     def batch(self, step: int, rows: Optional[slice] = None) -> dict[str, np.ndarray]:
-        """Rows of the batch of `step`: [A, B / process_count, T] int32 arrays for this process, or, given `rows` (a
-        slice of the B axis, as a device's shard asks for it), just those rows of every micro-batch."""
+        """The batch of `step`: [A, B, T] int32 arrays, or, given `rows` (a slice of the B axis, as a device's shard
+        asks for it), just those rows of every micro-batch."""
         if step < 0:
             raise ValueError(f"step {step} is negative")
-        A, B, P = self.micro_batches, self.batch_size, self.process_count
-        local = B // P
+        A, B = self.micro_batches, self.batch_size
         global_AB = step * A * B + np.arange(A * B, dtype=np.int64).reshape(A, B)
-        if rows is None:
-            rows = slice(self.process_index * local, (self.process_index + 1) * local)
-        mine_AB = global_AB[:, rows]
+        mine_AB = global_AB if rows is None else global_AB[:, rows]
         indices = self._rows(mine_AB.reshape(-1))
-        T = self.sequences["tokens"].shape[1]
-        return {key: array[indices].reshape(mine_AB.shape + (T,)) for key, array in self.sequences.items()}
+        T = self._sequences["tokens"].shape[1]
+        return {key: array[indices].reshape(mine_AB.shape + (T,)) for key, array in self._sequences.items()}
 
     def _rows(self, global_indices: np.ndarray) -> np.ndarray:
-        N = self.num_rows
-        epochs, offsets = global_indices // N, global_indices % N
+        E = self.num_rows
+        epochs, offsets = global_indices // E, global_indices % E
         rows = np.empty_like(global_indices)
         for epoch in np.unique(epochs):
             where = epochs == epoch
@@ -469,7 +458,7 @@ def prepare(
     max_rows: Optional[int] = None,
     split: str = "train",
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Loads, encodes and packs `source`; returns the [N, seq_len] sequences and a summary for the log."""
+    """Loads, encodes and packs `source`; returns the [E, seq_len] sequences and a summary for the log."""
     from tqdm.auto import tqdm
 
     if max_rows is not None and max_rows < 1:

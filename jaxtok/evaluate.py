@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxtok.data import SEQUENCE_KEYS, build_sequences
 from jaxtok.errors import JaxtokError
 from jaxtok.model import Llama
 
@@ -62,24 +63,24 @@ def _loss_sum(model: Llama, variables, tokens_BT, positions_BT, segments_BT, los
 def evaluate_sequences(model: Llama, variables: dict, sequences: dict, batch_size: int = 8, progress=True,
                        place=jnp.asarray, new_ids: Sequence[int] = ()) -> dict:
     """{"eval_loss", "tokens", "new_token_acc", "new_tokens"} over sequences (`tokens`, `positions`, `segment_ids`,
-    `loss_mask`, each [N, T]); `new_tokens` counts the targets that are one of `new_ids`.
+    `loss_mask`, each [E, T]); `new_tokens` counts the targets that are one of `new_ids`.
 
     The batch shape is fixed ([batch_size, T], the last batch padded with empty rows), so it compiles once. `place`
     puts a [batch_size, T] host array on the devices (on a mesh: split over its batch axes).
     """
     total, count, hits, scored = 0.0, 0, 0, 0
-    N, T = sequences["tokens"].shape
-    keys = ("tokens", "positions", "segment_ids", "loss_mask")
-    for start in tqdm(range(0, N, batch_size), desc="eval", disable=not progress, leave=False):
+    E, T = sequences["tokens"].shape
+    for start in tqdm(range(0, E, batch_size), desc="eval", disable=not progress, leave=False):
         parts = {}
-        for key in keys:
+        for key in SEQUENCE_KEYS:
             parts[key] = np.zeros((batch_size, T), np.int32)
             rows = np.asarray(sequences[key][start : start + batch_size])
             parts[key][: len(rows)] = rows
         parts["hit_mask"] = parts["loss_mask"] * np.isin(parts["tokens"], np.asarray(new_ids, np.int64))
-        sums = _loss_sum(model, variables, *(place(parts[key]) for key in (*keys, "hit_mask")))
-        loss_sum, n, h, s = (float(x) for x in sums)
-        total, count, hits, scored = total + loss_sum, count + int(n), hits + int(h), scored + int(s)
+        sums = _loss_sum(model, variables, *(place(parts[key]) for key in (*SEQUENCE_KEYS, "hit_mask")))
+        batch_total, batch_count, batch_hits, batch_scored = (float(x) for x in sums)
+        total, count = total + batch_total, count + int(batch_count)
+        hits, scored = hits + int(batch_hits), scored + int(batch_scored)
     if count == 0:
         raise JaxtokError("no row has two or more tokens, so there is nothing to predict")
     return {"eval_loss": total / count, "tokens": count, "new_token_acc": hits / scored if scored else None,
@@ -87,16 +88,10 @@ def evaluate_sequences(model: Llama, variables: dict, sequences: dict, batch_siz
 
 
 def evaluate(
-    model: Llama, variables: dict, rows: Sequence[Sequence[int]], seq_len: int, batch_size: int = 8, progress=True,
+    model: Llama, variables: dict, rows: Sequence[list[int]], seq_len: int, batch_size: int = 8, progress=True,
     new_ids: Sequence[int] = (),
 ) -> dict:
-    """`evaluate_sequences` over `rows` (token id lists of at most seq_len), every token after the first a target."""
-    N = len(rows)
-    tokens = np.zeros((N, seq_len), np.int32)
-    segments = np.zeros((N, seq_len), np.int32)
-    for b, row in enumerate(rows):
-        tokens[b, : len(row)] = row
-        segments[b, : len(row)] = 1
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (N, seq_len))
-    sequences = dict(tokens=tokens, positions=positions, segment_ids=segments, loss_mask=segments)
+    """`evaluate_sequences` over `rows` (token id lists of at most seq_len), each padded to a row of its own
+    (`data.build_sequences` without packing), every token after the first a target."""
+    sequences = build_sequences([(row, [1] * len(row)) for row in rows], seq_len, packing=False)
     return evaluate_sequences(model, variables, sequences, batch_size, progress, new_ids=new_ids)

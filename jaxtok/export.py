@@ -71,7 +71,9 @@ def write_safetensors(directory: Path, tensors: dict[str, np.ndarray], max_shard
     if total <= max_shard_bytes:
         save_file(tensors, str(directory / "model.safetensors"), metadata=SAFETENSORS_METADATA)
         return
-    shards, current, size = [], {}, 0
+    shards: list[dict[str, np.ndarray]] = []
+    current: dict[str, np.ndarray] = {}
+    size = 0
     for name, value in tensors.items():
         if current and size + value.nbytes > max_shard_bytes:
             shards.append(current)
@@ -182,6 +184,7 @@ def _model_card(base_model: str, model: Llama, tokens_added: bool) -> str:
     if standalone:
         lines.append(f"Base model: `{base_model}`. No LoRA: PEFT's `TrainableTokensConfig` (trained token rows only).")
     else:
+        assert lora is not None  # peft_type_of: LoRA exactly when the model has it
         lines.append(f"Base model: `{base_model}`. LoRA rank {lora.rank}, alpha {lora.alpha:g}"
                      f"{' (rsLoRA)' if lora.rslora else ''}, on {', '.join(lora.targets)}.")
     key = "token_indices" if standalone else "trainable_token_indices"

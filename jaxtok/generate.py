@@ -45,7 +45,8 @@ def _choose(logits_BV, rng, temperature: float, top_k: int, top_p: float):
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
         cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
         # keep the smallest set whose mass reaches top_p: a token stays if the mass before it is below top_p
-        cutoff_index_B = jnp.maximum(jnp.sum(cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1) - 1, 0)
+        mass_before_BV = cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1)
+        cutoff_index_B = jnp.maximum(jnp.sum(mass_before_BV < top_p, axis=-1) - 1, 0)
         cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
         logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
@@ -88,8 +89,8 @@ def _decode(model, variables, tokens_BP, positions_BP, segments_BP, rng, *, max_
         return (next_B, position_B + 1, done_B, cache, rng), next_B
 
     carry = (first_B, positions_BP[:, -1] + 1, done_B, cache, rng)
-    _, rest_NB = jax.lax.scan(step, carry, None, length=max_new_tokens - 1)
-    return jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
+    _, rest_GB = jax.lax.scan(step, carry, None, length=max_new_tokens - 1)
+    return jnp.concatenate([first_B[:, None], rest_GB.T], axis=1)
 
 
 def generate(

@@ -60,7 +60,7 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Sizes in the shape legend: V vocab, D hidden, F mlp, N query heads, K kv heads, H head dim, L layers."""
+    """The architecture; each size's comment is its letter in the shape legend (`jaxtok.shapes`)."""
 
     vocab_size: int  # V
     hidden_size: int  # D
@@ -118,14 +118,16 @@ class LlamaConfig:
         """Per layer, the sliding window of its attention, 0 for full attention; () when no layer slides."""
         if SLIDING not in self.layer_types:
             return ()
-        return tuple(self.sliding_window if t == SLIDING else 0 for t in self.layer_types)
+        window = self.sliding_window
+        assert window is not None  # __post_init__ refuses sliding layers without a window
+        return tuple(window if t == SLIDING else 0 for t in self.layer_types)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
         """Reads the `config.json` dict of a checkpoint of one of `FAMILIES`, in either spelling."""
         architectures = hf.get("architectures") or []
         model_type = hf.get("model_type")
-        family = FAMILIES.get(model_type)
+        family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
         if family is None or any(a != family.architecture for a in architectures):
             found = ", ".join(architectures) or f"model_type={model_type!r}"
             supported = ", ".join(f.architecture for f in FAMILIES.values())
@@ -145,8 +147,8 @@ class LlamaConfig:
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 checkpoint_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
-                model_type=model_type,
-                **_FAMILY_FIELDS[model_type](hf),
+                model_type=family.model_type,  # == model_type
+                **_FAMILY_FIELDS[family.model_type](hf),
             )
         except KeyError as e:
             raise JaxtokError(f"config.json lacks the key {e.args[0]!r} that every {family.architecture} config "

@@ -2,11 +2,11 @@
 
 For a targeted projection with frozen kernel W (in -> out):
 
-    y = x W + scaling * dropout(x) A^T B^T,    A: [R, in],  B: [out, R]
+    y = x W + scaling * dropout(x) A^T B^T,    A: [R, I],  B: [O, R]
 
-with `in`/`out` the flattened feature sizes (for q_proj, out = N*H), so A and B are PEFT's `lora_A.weight` and
+with I and O the flattened input and output features (for q_proj, O = N*H), so A and B are PEFT's `lora_A.weight` and
 `lora_B.weight` as they are and export is a renaming. scaling = alpha / R, or alpha / sqrt(R) with rsLoRA. A starts
-uniform in +-1/sqrt(in) (PEFT's kaiming-uniform with a=sqrt(5)) and B at zero, so a fresh adapter changes nothing.
+uniform in +-1/sqrt(I) (PEFT's kaiming-uniform with a=sqrt(5)) and B at zero, so a fresh adapter changes nothing.
 
 The parameters live in the `lora` collection, stacked over layers like the base:
 
@@ -14,7 +14,7 @@ The parameters live in the `lora` collection, stacked over layers like the base:
     lora/layers/attn/q_proj/a          [L, R, D]      float32, trained
     lora/layers/attn/q_proj/b          [L, N*H, R]    float32, trained
 
-In names and einsum strings, I and O are a projection's flattened input and output features.
+Shapes follow the legend of `jaxtok.shapes`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _uniform_fan_in(key, shape, dtype=jnp.float32):
 
 def lora_delta(module: nn.Module, x_BTI, config: LoraConfig, out_features: int, axes: tuple[str, str], train: bool,
                dtype):
-    """scaling * dropout(x) A^T B^T for x [B, T, in] -> [B, T, out], declaring `a` and `b` on `module`.
+    """scaling * dropout(x) A^T B^T for x [B, T, I] -> [B, T, O], declaring `a` and `b` on `module`.
 
     `axes` are the logical names of the in and out features. The init functions run only when the variables are
     missing (init, or apply with `lora` mutable).
@@ -95,14 +95,16 @@ def lora_delta(module: nn.Module, x_BTI, config: LoraConfig, out_features: int, 
     if train and config.dropout > 0.0:
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - config.dropout, x_BTI.shape)
         x_BTI = jnp.where(keep, x_BTI / (1.0 - config.dropout), 0.0).astype(x_BTI.dtype)
-    return _low_rank(x_BTI, a_RI.astype(dtype), b_OR.astype(dtype), jnp.asarray(config.scaling, dtype))
+    # flax types `.value` as the LogicallyPartitioned box that the init returns; it gives the unboxed array
+    return _low_rank(x_BTI, a_RI.astype(dtype), b_OR.astype(dtype),  # type: ignore[attr-defined]
+                     jnp.asarray(config.scaling, dtype))
 
 
 # The backward is written out rather than left to autodiff, for speed. Profiling the train step of a 1024-hidden,
 # 8-layer model on CPU (JAX profiler, per-HLO-op times) showed autodiff's gradient of B, einsum("bto,btr->or"),
-# compiled into a transpose of the [B*T, out] output gradient, fused with the MLP's elementwise backward and read
-# column-wise: two such fusions per layer took a fifth of the step. Asking for the gradient as [R, out] (its
-# natural shape, only the small [B*T, R] operand is transposed) and transposing that [R, out] result removes them.
+# compiled into a transpose of the [B*T, O] output gradient, fused with the MLP's elementwise backward and read
+# column-wise: two such fusions per layer took a fifth of the step. Asking for the gradient as [R, O] (its
+# natural shape, only the small [B*T, R] operand is transposed) and transposing that [R, O] result removes them.
 @jax.custom_vjp
 def _low_rank(x_BTI, a_RI, b_OR, scaling):
     return _low_rank_fwd(x_BTI, a_RI, b_OR, scaling)[0]

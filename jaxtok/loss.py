@@ -42,22 +42,23 @@ class Head(NamedTuple):
     """The output layer: logits = x . W, except that the logits of tokens `ids` get x . delta[k] added.
 
     `weight` is the embedding [V, D] of a tied head (`layout` "vd") or the head [D, V] of an untied one ("dv").
-    `delta_KD` is (trained row - frozen row) for each token row (None without rows): adding x . delta to the frozen
+    `delta_MD` is (trained row - frozen row) for each token row (None without rows): adding x . delta to the frozen
     logit gives exactly x . trained row, and a fresh table changes nothing bit for bit.
     """
 
     weight: jnp.ndarray
     layout: str
     ids: tuple[int, ...] = ()
-    delta_KD: Optional[jnp.ndarray] = None
+    delta_MD: Optional[jnp.ndarray] = None
 
     def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         """[B, T, V] logits in x's dtype (the un-fused path: generation, and the reference in tests)."""
         logits_BTV = jnp.einsum(f"btd,{self.layout}->btv", x_BTD, self.weight.astype(x_BTD.dtype))
         if not self.ids:
             return logits_BTV
-        rows_BTK = jnp.einsum("btd,kd->btk", x_BTD, self.delta_KD.astype(x_BTD.dtype))
-        return logits_BTV.at[..., jnp.asarray(self.ids)].add(rows_BTK)
+        assert self.delta_MD is not None  # a head with token rows has their deltas
+        rows_BTM = jnp.einsum("btd,md->btm", x_BTD, self.delta_MD.astype(x_BTD.dtype))
+        return logits_BTV.at[..., jnp.asarray(self.ids)].add(rows_BTM)
 
 
 def next_token_loss(logits_BTV: jnp.ndarray, tokens_BT: jnp.ndarray, target_mask_BT: jnp.ndarray):
@@ -106,12 +107,12 @@ def fused_next_token_loss(head: Head, x_BTD: jnp.ndarray, tokens_BT: jnp.ndarray
         x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
         targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
         weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
-    delta_KD = head.delta_KD if head.ids else jnp.zeros((0, x_BTD.shape[-1]), jnp.float32)
+    delta_MD = head.delta_MD if head.ids else jnp.zeros((0, x_BTD.shape[-1]), jnp.float32)
     if hit_mask_BT is None:
-        total = _chunked_loss(head.layout, head.ids, C, x_BTD, head.weight, delta_KD, targets_BT, weights_BT)
+        total = _chunked_loss(head.layout, head.ids, C, x_BTD, head.weight, delta_MD, targets_BT, weights_BT)
         return total, jnp.sum(weights_BT)
     scored_BT = jnp.pad(hit_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1 + pad)))
-    total, _, hits = _forward(head.layout, head.ids, C, x_BTD, head.weight, delta_KD, targets_BT, weights_BT, False,
+    total, _, hits = _forward(head.layout, head.ids, C, x_BTD, head.weight, delta_MD, targets_BT, weights_BT, False,
                               scored_BT)
     return total, jnp.sum(weights_BT), hits, jnp.sum(scored_BT)
 
@@ -123,17 +124,17 @@ def _chunks(a, C):
     return jnp.moveaxis(a.reshape(B, T // C, C, *a.shape[2:]), 1, 0)
 
 
-def _chunk_logits(layout, ids, x_BCD, weight, delta_KD):
+def _chunk_logits(layout, ids, x_BCD, weight, delta_MD):
     """[B, C, V] float32 logits of one chunk, accumulated in float32 whatever the compute dtype."""
     logits_BCV = jnp.einsum(f"bcd,{layout}->bcv", x_BCD, weight.astype(x_BCD.dtype),
                             preferred_element_type=jnp.float32)
     if ids:
-        rows_BCK = jnp.einsum("bcd,kd->bck", x_BCD, delta_KD.astype(x_BCD.dtype), preferred_element_type=jnp.float32)
-        logits_BCV = logits_BCV.at[..., jnp.asarray(ids)].add(rows_BCK)
+        rows_BCM = jnp.einsum("bcd,md->bcm", x_BCD, delta_MD.astype(x_BCD.dtype), preferred_element_type=jnp.float32)
+        logits_BCV = logits_BCV.at[..., jnp.asarray(ids)].add(rows_BCM)
     return logits_BCV
 
 
-def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads: bool, scored_BT=None):
+def _forward(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads: bool, scored_BT=None):
     """(summed loss, its gradients for a cotangent of 1 or None, hits or None), from the same logits: the gradients
     with `with_grads`, and the number of targets marked in `scored_BT` that are their position's argmax."""
     dtype = x_BTD.dtype
@@ -142,15 +143,15 @@ def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, wi
         scored_BT = jnp.zeros_like(weights_BT)
 
     def body(carry, xs):
-        total, hits, d_weight, d_delta_KD = carry
+        total, hits, d_weight, d_delta_MD = carry
         x_BCD, targets_BC, weights_BC, scored_BC = xs
-        logits_BCV = _chunk_logits(layout, ids, x_BCD, weight, delta_KD)
+        logits_BCV = _chunk_logits(layout, ids, x_BCD, weight, delta_MD)
         log_z_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
         total = total + jnp.sum((log_z_BC - picked_BC) * weights_BC)
         if not with_grads:
             hit_BC = jnp.argmax(logits_BCV, axis=-1) == targets_BC
-            return (total, hits + jnp.sum(hit_BC * scored_BC), d_weight, d_delta_KD), None
+            return (total, hits + jnp.sum(hit_BC * scored_BC), d_weight, d_delta_MD), None
         # softmax minus one-hot, weighted: the gradient of the chunk's loss with respect to its logits
         d_logits_BCV = jnp.exp(logits_BCV - log_z_BC[..., None]) * weights_BC[..., None]
         onehot_BCV = jax.nn.one_hot(targets_BC, logits_BCV.shape[-1], dtype=jnp.bool_)
@@ -160,39 +161,39 @@ def _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, wi
         d_weight = d_weight + jnp.einsum(f"bcv,bcd->{layout}", d_logits_BCV, x_BCD,
                                          preferred_element_type=jnp.float32)
         if ids:
-            d_rows_BCK = jnp.take(d_logits_BCV, index, axis=-1)
-            d_x_BCD = d_x_BCD + jnp.einsum("bck,kd->bcd", d_rows_BCK, delta_KD.astype(dtype),
+            d_rows_BCM = jnp.take(d_logits_BCV, index, axis=-1)
+            d_x_BCD = d_x_BCD + jnp.einsum("bcm,md->bcd", d_rows_BCM, delta_MD.astype(dtype),
                                            preferred_element_type=jnp.float32)
-            d_delta_KD = d_delta_KD + jnp.einsum("bck,bcd->kd", d_rows_BCK, x_BCD, preferred_element_type=jnp.float32)
-        return (total, hits, d_weight, d_delta_KD), d_x_BCD
+            d_delta_MD = d_delta_MD + jnp.einsum("bcm,bcd->md", d_rows_BCM, x_BCD, preferred_element_type=jnp.float32)
+        return (total, hits, d_weight, d_delta_MD), d_x_BCD
 
-    shape = (weight.shape, delta_KD.shape) if with_grads else ((), ())
+    shape = (weight.shape, delta_MD.shape) if with_grads else ((), ())
     zero = jnp.zeros((), jnp.float32)
     init = (zero, zero, jnp.zeros(shape[0], jnp.float32), jnp.zeros(shape[1], jnp.float32))
     xs = (_chunks(x_BTD, C), _chunks(targets_BT, C), _chunks(weights_BT, C), _chunks(scored_BT, C))
-    (total, hits, d_weight, d_delta_KD), d_x_NBCD = jax.lax.scan(body, init, xs)
+    (total, hits, d_weight, d_delta_MD), d_x_chunks = jax.lax.scan(body, init, xs)  # [T/C, B, C, D]
     if not with_grads:
         return total, None, hits
     B, T, D = x_BTD.shape
-    d_x_BTD = jnp.moveaxis(d_x_NBCD, 0, 1).reshape(B, T, D)
-    return total, (d_x_BTD.astype(dtype), d_weight.astype(weight.dtype), d_delta_KD.astype(delta_KD.dtype)), None
+    d_x_BTD = jnp.moveaxis(d_x_chunks, 0, 1).reshape(B, T, D)
+    return total, (d_x_BTD.astype(dtype), d_weight.astype(weight.dtype), d_delta_MD.astype(delta_MD.dtype)), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunked_loss(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
-    return _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads=False)[0]
+def _chunked_loss(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT):
+    return _forward(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads=False)[0]
 
 
-def _chunked_loss_fwd(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT):
-    total, grads, _ = _forward(layout, ids, C, x_BTD, weight, delta_KD, targets_BT, weights_BT, with_grads=True)
+def _chunked_loss_fwd(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT):
+    total, grads, _ = _forward(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads=True)
     return total, grads
 
 
 def _chunked_loss_bwd(layout, ids, C, grads, g):
     # The loss is a scalar, so its gradients are those computed in the forward pass times the cotangent.
-    d_x_BTD, d_weight, d_delta_KD = grads
+    d_x_BTD, d_weight, d_delta_MD = grads
     return ((g * d_x_BTD).astype(d_x_BTD.dtype), (g * d_weight).astype(d_weight.dtype),
-            (g * d_delta_KD).astype(d_delta_KD.dtype), None, None)
+            (g * d_delta_MD).astype(d_delta_MD.dtype), None, None)
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)

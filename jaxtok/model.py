@@ -1,10 +1,7 @@
 """A Flax (linen) Llama that computes what transformers' `LlamaForCausalLM` computes, and with the fields of
 `LlamaConfig` for their differences (biases, q/k norms, sliding windows) what Mistral, Qwen2 and Qwen3 compute.
 
-Shape legend, used in names and einsum strings throughout jaxtok:
-    B batch, T query length, S key length, D hidden, N query heads, K kv heads, H head dim, F mlp, V vocab, L layers,
-    (in jaxtok.lora) R LoRA rank, I and O a projection's flattened in and out features, (in jaxtok.loss) C the
-    positions of one chunk of the fused loss.
+Names and einsum strings follow the shape legend of `jaxtok.shapes`.
 
 Design choices:
 * Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) so
@@ -25,14 +22,15 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtok import tokens as token_rows
+from jaxtok import tokens as tokens_lib
 from jaxtok.llama_config import LlamaConfig
-from jaxtok.loss import Head, fused_next_token_loss
 from jaxtok.lora import LoraConfig, lora_delta
+from jaxtok.loss import Head, fused_next_token_loss
 from jaxtok.rope import apply_rope, rope_tables
 
 # Gradient checkpointing of each layer: what the forward keeps for the backward. "none" keeps every activation
@@ -203,7 +201,7 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     lora: Optional[LoraConfig] = None
-    token_rows: token_rows.TokenRows = token_rows.TokenRows()
+    token_rows: tokens_lib.TokenRows = tokens_lib.TokenRows()
     remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: Optional[str] = None  # None lets JAX choose; "xla" or "cudnn" to force one
     loss_chunk: int = 0  # positions per chunk of the fused loss; 0 chooses from the batch and vocabulary size
@@ -230,20 +228,26 @@ class Llama(nn.Module):
         dropout (needs a `dropout` rng).
         """
         c, rows = self.config, self.token_rows
+        # a wrong shape fails here by name, not deep inside XLA (these run once, while tracing)
+        chex.assert_rank(tokens_BT, 2)
+        chex.assert_type(tokens_BT, int)
         B, T = tokens_BT.shape
+        chex.assert_shape([x for x in (positions_BT, segment_ids_BT, loss_mask_BT, hit_mask_BT) if x is not None],
+                          (B, T))
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
 
         embedding_VD = _param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.param_dtype)
-        embed_table_KD = None
+        embed_table_MD = None
         if rows.embed_ids:
             ids = jnp.asarray(rows.embed_ids)
-            embed_table_KD = token_rows.table(self, "embed", lambda: jnp.take(embedding_VD, ids, axis=0))
-        x_BTD = token_rows.embed(embedding_VD, tokens_BT, rows.embed_ids, embed_table_KD, self.dtype)
+            embed_table_MD = tokens_lib.table(self, "embed", lambda: jnp.take(embedding_VD, ids, axis=0))
+        x_BTD = tokens_lib.embed(embedding_VD, tokens_BT, rows.embed_ids, embed_table_MD, self.dtype)
         cos, sin = rope_tables(c, positions_BT, self.dtype)
 
+        cache_index: int | jax.Array
         if cache is None:
             cache_index, kv_segments_BS, kv_cache = 0, segment_ids_BT, None
         else:
@@ -268,7 +272,7 @@ class Llama(nn.Module):
         x_BTD, kv_cache = layers(x_BTD, cos, sin, mask_BTS, cache_index, kv_cache, windows_L)
 
         x_BTD = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x_BTD)
-        head = self._head(embedding_VD, embed_table_KD)
+        head = self._head(embedding_VD, embed_table_MD)
         if loss_mask_BT is not None:
             out = fused_next_token_loss(head, x_BTD, tokens_BT, loss_mask_BT, self.loss_chunk, hit_mask_BT)
         else:
@@ -276,24 +280,25 @@ class Llama(nn.Module):
 
         if cache is not None:
             k, v = kv_cache
-            cache = dict(k=k, v=v, segment_ids=kv_segments_BS, index=cache_index + T)
+            cache = dict(k=k, v=v, segment_ids=kv_segments_BS, index=cache["index"] + T)
         return out, cache
 
-    def _head(self, embedding_VD, embed_table_KD) -> Head:
+    def _head(self, embedding_VD, embed_table_MD) -> Head:
         """The output matrix (the embedding when tied) and the corrections of its trainable token rows."""
         c, rows = self.config, self.token_rows
         if c.tie_word_embeddings:
-            weight, layout, ids, table_KD = embedding_VD, "vd", rows.embed_ids, embed_table_KD
-            frozen_KD = jnp.take(embedding_VD, jnp.asarray(ids, jnp.int32), axis=0) if ids else None
+            weight, layout, ids, table_MD = embedding_VD, "vd", rows.embed_ids, embed_table_MD
+            frozen_MD = jnp.take(embedding_VD, jnp.asarray(ids, jnp.int32), axis=0) if ids else None
         else:
             weight = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.param_dtype)
             layout, ids = "dv", rows.head_ids
-            frozen_KD = jnp.take(weight, jnp.asarray(ids, jnp.int32), axis=1).T if ids else None
-            table_KD = token_rows.table(self, "head", lambda: frozen_KD) if ids else None
+            frozen_MD = jnp.take(weight, jnp.asarray(ids, jnp.int32), axis=1).T if ids else None
+            table_MD = tokens_lib.table(self, "head", lambda: frozen_MD) if ids else None
         if not ids:
             return Head(weight, layout)
-        delta_KD = (table_KD - frozen_KD.astype(table_KD.dtype)).astype(self.dtype)
-        return Head(weight, layout, ids, delta_KD)
+        assert frozen_MD is not None  # made whenever there are ids
+        delta_MD = (table_MD - frozen_MD.astype(table_MD.dtype)).astype(self.dtype)
+        return Head(weight, layout, ids, delta_MD)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:
@@ -320,8 +325,3 @@ def abstract_params(model: Llama) -> dict:
 def logical_axes_of(model: Llama) -> dict:
     """A tree like the variables whose leaves are PartitionSpecs of logical axis names."""
     return nn.get_partition_spec(abstract_variables(model))
-
-
-def logical_axes(model: Llama) -> dict:
-    """A tree like the parameters whose leaves are PartitionSpecs of logical axis names."""
-    return logical_axes_of(model)["params"]

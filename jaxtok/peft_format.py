@@ -1,12 +1,14 @@
 """jaxtok adapters <-> PEFT's adapter format: tensor names (as `save_pretrained` writes them, adapter name stripped)
 and `adapter_config.json`.
 
-Our LoRA matrices already have PEFT's layouts (A [R, in], B [out, R]); only the stacked layer axis is split into
+Our LoRA matrices already have PEFT's layouts (A [R, I], B [O, R]); only the stacked layer axis is split into
 per-layer tensors. Token tables are PEFT's `trainable_tokens_delta` as they are (full rows, not differences).
+Module names come from `convert.TABLE` (PEFT names an adapter after the module it adapts), LoRA shapes from the
+model's own variables.
 
     lora/layers/attn/q_proj/a [L, R, D]  <->  base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
-    tokens/embed [K, D]                  <->  base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta
-    tokens/head  [K, D]                  <->  base_model.model.lm_head.token_adapter.trainable_tokens_delta
+    tokens/embed [M, D]                  <->  base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta
+    tokens/head  [M, D]                  <->  base_model.model.lm_head.token_adapter.trainable_tokens_delta
 
 Two adapter types:
 * "LORA" (a model with `lora`): `LoraConfig` <-> r, lora_alpha, lora_dropout, use_rslora, target_modules;
@@ -25,21 +27,24 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+import flax.linen as nn
 import numpy as np
 
+from jaxtok.convert import hf_module, hf_regex
 from jaxtok.errors import JaxtokError
 from jaxtok.llama_config import PROJECTIONS, LlamaConfig
 from jaxtok.lora import DEFAULT_TARGETS, TARGETS, LoraConfig
-from jaxtok.model import Llama
+from jaxtok.model import Llama, abstract_variables
 from jaxtok.tokens import TokenRows
 
 PREFIX = "base_model.model."
-_BLOCKS = {"attn": "self_attn", "mlp": "mlp"}
 _MATRICES = {"a": "lora_A", "b": "lora_B"}
-BLOCK_OF = {module: block for block, modules in PROJECTIONS.items() for module in modules}
+# Our (block, module) -> the HF module whose LoRA matrices PEFT names after it ("{i}" is the layer).
+LORA_MODULES = {(block, module): hf_module(("layers", block, module, "kernel"))
+                for block, modules in PROJECTIONS.items() for module in modules}
 LORA, TRAINABLE_TOKENS = "LORA", "TRAINABLE_TOKENS"  # the peft_type values jaxtok reads and writes
 # The layers that hold token tables, by their module names in transformers' LlamaForCausalLM.
-TOKEN_LAYERS = {"embed": "model.embed_tokens", "head": "lm_head"}
+TOKEN_LAYERS = {"embed": hf_module(("embed",)), "head": hf_module(("lm_head",))}
 
 
 def token_tensor_names(peft_type: str = LORA) -> dict[str, str]:
@@ -57,9 +62,11 @@ def peft_type_of(model: Llama) -> str:
     return LORA if model.lora is not None else TRAINABLE_TOKENS
 
 
-_LORA_NAME = re.compile(
-    re.escape(PREFIX) + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(lora_A|lora_B)\.weight$"
-)
+_LORA_TENSORS = {re.compile(re.escape(PREFIX) + hf_regex(hf) + r"\.(lora_A|lora_B)\.weight$"): target
+                 for target, hf in LORA_MODULES.items()}
+# LoRA on a projection that its block lacks (mlp.q_proj) is refused as such, not as an unknown kind of tensor.
+_MISPLACED = [re.compile(re.escape(PREFIX) + hf_regex(block) + r"\.\w+_proj\.(lora_A|lora_B)\.weight$")
+              for block in dict.fromkeys(hf.rsplit(".", 1)[0] for hf in LORA_MODULES.values())]
 # Whole embedding or head matrices: what `save_embedding_layers` (on by default once the vocabulary was resized)
 # adds to an adapter. jaxtok keeps the base frozen, so it cannot take them.
 _FULL_MATRIX = re.compile(r".*(embed_tokens|lm_head)(\.token_adapter)?(\.base_layer)?\.weight$")
@@ -74,9 +81,9 @@ def to_peft(adapters: dict, peft_type: str = LORA, tied: bool = False) -> dict[s
         for module, matrices in modules.items():
             for matrix, stacked in matrices.items():
                 stacked = np.asarray(stacked, np.float32)
+                name = f"{PREFIX}{LORA_MODULES[block, module]}.{_MATRICES[matrix]}.weight"
                 for i in range(stacked.shape[0]):
-                    name = f"{PREFIX}model.layers.{i}.{_BLOCKS[block]}.{module}.{_MATRICES[matrix]}.weight"
-                    tensors[name] = stacked[i]
+                    tensors[name.format(i=i)] = stacked[i]
     for table, rows in adapters.get("tokens", {}).items():
         tensors[names[table]] = np.asarray(rows, np.float32)
     if peft_type == TRAINABLE_TOKENS and tied and "embed" in adapters.get("tokens", {}):
@@ -89,7 +96,6 @@ def from_peft(tensors: dict[str, np.ndarray], num_layers: int, peft_type: str = 
     """The inverse of `to_peft`: PEFT tensors -> {"lora": ..., "tokens": ...} with layers stacked, float32."""
     per_layer: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
     adapters: dict = {}
-    blocks = {v: k for k, v in _BLOCKS.items()}
     matrices = {v: k for k, v in _MATRICES.items()}
     names = token_tensor_names(peft_type)
     for name, array in tensors.items():
@@ -102,12 +108,14 @@ def from_peft(tensors: dict[str, np.ndarray], num_layers: int, peft_type: str = 
                 f"adapter carries the full matrix {name} (saved with save_embedding_layers); jaxtok trains token rows "
                 "only: re-save it with save_pretrained(..., save_embedding_layers=False)"
             )
-        m = _LORA_NAME.match(name)
-        if m is None:
+        for pattern, (block, module) in _LORA_TENSORS.items():  # noqa: B007 (used after the break)
+            if m := pattern.match(name):
+                break
+        else:
+            if any(pattern.match(name) for pattern in _MISPLACED):
+                raise JaxtokError(f"adapter tensor {name} names a module a Llama does not have")
             raise JaxtokError(f"adapter tensor {name} is not a LoRA matrix or token table that jaxtok supports")
-        layer, block, module, matrix = int(m.group(1)), blocks[m.group(2)], m.group(3), matrices[m.group(4)]
-        if BLOCK_OF.get(module) != block:
-            raise JaxtokError(f"adapter tensor {name} names a module a Llama does not have")
+        layer, matrix = int(m.group(1)), matrices[m.group(2)]
         if layer >= num_layers:
             raise JaxtokError(f"adapter tensor {name} is for layer {layer}, but the base has {num_layers} layers")
         per_layer.setdefault((block, module, matrix), {})[layer] = np.asarray(array, np.float32)
@@ -135,12 +143,12 @@ def from_peft(tensors: dict[str, np.ndarray], num_layers: int, peft_type: str = 
 
 
 def lora_shapes(config: LlamaConfig, lora: LoraConfig) -> dict[str, dict[str, tuple[int, ...]]]:
-    """module -> {"a": [L, R, in], "b": [L, out, R]}: the stacked shapes of each targeted module's matrices."""
-    D, F, L, R = config.hidden_size, config.intermediate_size, config.num_layers, lora.rank
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    in_out = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D),
-              "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
-    return {m: {"a": (L, R, in_out[m][0]), "b": (L, in_out[m][1], R)} for m in lora.targets}
+    """module -> {"a": [L, R, I], "b": [L, O, R]}: the stacked shapes of each targeted module's matrices, as the
+    model declares them (traced, nothing allocated), in the order of `lora.targets`."""
+    blocks = nn.unbox(abstract_variables(Llama(config, lora=lora)))["lora"]["layers"]
+    shapes = {module: {matrix: tuple(v.shape) for matrix, v in matrices.items()}
+              for modules in blocks.values() for module, matrices in modules.items()}
+    return {module: shapes[module] for module in lora.targets}
 
 
 # ----------------------------------------------------------------------------------------------- adapter_config.json
@@ -305,7 +313,8 @@ def _standalone_rows(config: dict, base: LlamaConfig) -> TokenRows:
         # from the tied embedding's, or (both named) gives a model PEFT 0.21 cannot run
         raise JaxtokError("adapter_config.json targets lm_head, but the base ties its head to the embedding; jaxtok "
                           "trains a tied head's rows with the embedding's (target embed_tokens only)")
-    return _checked_rows(TokenRows(ids if "embed" in tables else (), ids if "head" in tables else ()), base)
+    rows = tuple(ids)
+    return _checked_rows(TokenRows(rows if "embed" in tables else (), rows if "head" in tables else ()), base)
 
 
 def _token_targets(target_modules, num_layers: int) -> set[str]:
@@ -331,7 +340,7 @@ def _token_targets(target_modules, num_layers: int) -> set[str]:
     if not entries:
         raise JaxtokError("adapter_config.json has an empty target_modules list; name embed_tokens or lm_head")
     layers = {name: table for table, name in TOKEN_LAYERS.items()}
-    tables = set()
+    tables: set[str] = set()
     for entry in entries:
         hits = [name for name in _hf_module_names(num_layers) if matches(entry, name)]
         other = [name for name in hits if name not in layers]
@@ -352,7 +361,7 @@ def _hf_module_names(num_layers: int) -> list[str]:
         layer = f"model.layers.{i}"
         names += [layer, f"{layer}.self_attn", f"{layer}.mlp", f"{layer}.mlp.act_fn", f"{layer}.input_layernorm",
                   f"{layer}.post_attention_layernorm"]
-        names += [f"{layer}.{_BLOCKS[BLOCK_OF[module]]}.{module}" for module in TARGETS]
+        names += [hf.format(i=i) for hf in LORA_MODULES.values()]
     return names
 
 
@@ -433,12 +442,10 @@ def modules_to_save(config: dict, params: dict, tied: bool) -> tuple[dict, dict[
     in torch's [vocab, hidden] layout, named as PEFT saves them. A tied head gets `ensure_weight_tying`, so PEFT ties
     it to the trained embedding (without it the head would keep the base's matrix), and is saved as PEFT saves it: a
     second copy under the head's name."""
-    from jaxtok.convert import TABLE
-
-    hf = {rule.ours: rule.hf for rule in TABLE if rule.ours in (("embed",), ("lm_head",))}
     embed = np.asarray(params["embed"], np.float32)
     head = embed if tied else np.asarray(params["lm_head"], np.float32).T
     modules = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
     config = {**config, "modules_to_save": modules, "ensure_weight_tying": tied}
-    tensors = {PREFIX + hf[("embed",)]: embed, PREFIX + hf[("lm_head",)]: np.ascontiguousarray(head)}
+    tensors = {f"{PREFIX}{TOKEN_LAYERS['embed']}.weight": embed,
+               f"{PREFIX}{TOKEN_LAYERS['head']}.weight": np.ascontiguousarray(head)}
     return config, tensors

@@ -13,6 +13,7 @@ user calls `resize_token_embeddings`: `resize_vocab(model, params, len(adapter_t
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +82,7 @@ def _to_jax(tree):
     return jnp.asarray(tree, jnp.float32)
 
 
-def apply_adapter(adapter_dir, base_model: Llama, params: dict, base_tokenizer) -> tuple[Llama, dict, dict, object]:
+def apply_adapter(adapter_dir, base_model: Llama, params: dict, base_tokenizer) -> tuple[Llama, dict, dict, Any]:
     """(model, params, adapters, tokenizer) for evaluating `adapter_dir` on a base: the adapter's own tokenizer when
     it ships one (tokens were added), with the base grown to that tokenizer's size first, as PEFT users do."""
     from jaxtok.tokenizer import load_tokenizer

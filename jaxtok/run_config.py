@@ -1,12 +1,26 @@
-"""Every key of a training run, with its default and meaning. Config files start from `default_config()`.
+"""Every key of a training run, with its default and meaning, and the typed, checked sections the job reads.
 
-Configs are `ml_collections.ConfigDict`s loaded by `config_flags` with the config locked, so an override of a key
-that does not exist (`--config.lora.rnak=8`) is an error naming the key, not a silently ignored typo.
+Config files start from `default_config()`, an `ml_collections.ConfigDict` that `config_flags` loads with the config
+locked, so an override of a key that does not exist (`--config.lora.rnak=8`) is an error naming the key, not a
+silently ignored typo. `RunConfig.of(config)` then turns it, once, into frozen sections whose values are checked, so
+a bad value fails before anything slow with the key's name; each part of the job is given the section it reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
 import ml_collections
+
+from jaxtok.errors import JaxtokError
+from jaxtok.lora import LoraConfig
+from jaxtok.model import REMAT_POLICIES
+from jaxtok.optimizer import OptimConfig
+from jaxtok.trainable import METHODS
+
+WEIGHT_DTYPES = ("float32", "bfloat16")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -117,3 +131,161 @@ def load_run_config(path) -> ml_collections.ConfigDict:
 
     fill(config, saved, "")
     return config
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    path: str
+    dtype: str
+    compute_dtype: Optional[str]
+    allow_pickle: bool
+    remat: str
+    loss_chunk: int
+    attention: str
+    adapter: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str
+    train_split: str
+    eval: str
+    eval_split: str
+    format: str
+    packing: bool
+    chat_template: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TokensSection:
+    add: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    train: tuple[Union[str, int], ...]
+    train_head: str
+    train_untrained: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    method: str
+    steps: int
+    batch_size: int
+    grad_accum: int
+    seq_len: int
+    seed: int
+    eval_every: int
+    save_every: int
+    keep_checkpoints: int
+    log_every: int
+    tensorboard: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    coordinator: str
+    num_processes: int
+    process_id: int
+    auto: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSection:
+    prompt: str
+    max_new_tokens: int
+    stop: str
+    calculator: bool
+    heldout: str
+    heldout_rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    peft: bool
+    merged: bool
+    merged_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run's config as typed sections, checked. `source` is the ConfigDict it came from, saved with the run."""
+
+    model: ModelSection
+    data: DataSection
+    tokens: TokensSection
+    lora: LoraConfig
+    optim: OptimConfig
+    train: TrainSection
+    mesh_shape: tuple[int, ...]
+    distributed: DistributedSection
+    sample: SampleSection
+    export: ExportSection
+    output_dir: str
+    source: ml_collections.ConfigDict = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, config: Union[ml_collections.ConfigDict, "RunConfig"]) -> "RunConfig":
+        """The sections of `config`; a value that would only break later fails now, naming its key."""
+        if isinstance(config, RunConfig):
+            return config
+
+        def section(kind, node):
+            return kind(**{f.name: node[f.name] for f in dataclasses.fields(kind)})
+
+        c = config
+        _check(c)
+        o = c.optim
+        optim = OptimConfig(
+            lr=float(o.lr), token_lr=None if o.token_lr is None else float(o.token_lr),
+            weight_decay=float(o.weight_decay), token_weight_decay=float(o.token_weight_decay),
+            warmup_steps=o.warmup_steps, schedule=o.schedule, min_lr_ratio=float(o.min_lr_ratio),
+            max_grad_norm=float(o.max_grad_norm), total_steps=c.train.steps)
+        lora = LoraConfig(rank=c.lora.rank, alpha=float(c.lora.alpha), dropout=float(c.lora.dropout),
+                          targets=c.lora.targets, rslora=c.lora.rslora)
+        return cls(
+            model=section(ModelSection, c.model), data=section(DataSection, c.data),
+            tokens=section(TokensSection, c.tokens), lora=lora, optim=optim, train=section(TrainSection, c.train),
+            mesh_shape=tuple(c.mesh.shape), distributed=section(DistributedSection, c.distributed),
+            sample=section(SampleSection, c.sample), export=section(ExportSection, c.export),
+            output_dir=c.output_dir, source=c,
+        )
+
+    def replace(self, **sections) -> "RunConfig":
+        """A copy with some fields of sections replaced: `replace(model={"path": p})`."""
+        changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
+        return dataclasses.replace(self, **changed)
+
+    def to_json(self) -> str:
+        return self.source.to_json_best_effort(indent=2) + "\n"
+
+
+def _check(c: ml_collections.ConfigDict) -> None:
+    t = c.train
+    for key in ("steps", "batch_size", "grad_accum", "log_every"):
+        value = t[key]
+        if not isinstance(value, int) or value < 1:
+            raise JaxtokError(f"train.{key} must be a positive integer (got {value!r})")
+    for key in ("eval_every", "save_every"):
+        if not isinstance(t[key], int) or t[key] < 0:
+            raise JaxtokError(f"train.{key} must be an integer >= 0 (got {t[key]!r}; 0 means only at the end)")
+    if not isinstance(t.seq_len, int) or t.seq_len < 2:
+        raise JaxtokError(f"train.seq_len must be at least 2 (got {t.seq_len!r}): a loss needs two tokens")
+    for key in ("dtype", "compute_dtype"):
+        value = c.model[key]
+        if value is not None and value not in WEIGHT_DTYPES:
+            raise JaxtokError(f"model.{key} must be one of {', '.join(WEIGHT_DTYPES)} (got {value!r})")
+    if c.model.remat not in REMAT_POLICIES:
+        raise JaxtokError(f"model.remat must be one of {', '.join(REMAT_POLICIES)} (got {c.model.remat!r})")
+    if not isinstance(c.model.loss_chunk, int) or c.model.loss_chunk < 0:
+        raise JaxtokError(f"model.loss_chunk must be an integer >= 0 (got {c.model.loss_chunk!r}; 0 chooses)")
+    if t.method not in METHODS:
+        raise JaxtokError(f"train.method must be one of {', '.join(METHODS)} (got {t.method!r})")
+    s = c.sample
+    if s.heldout and (not isinstance(s.heldout_rows, int) or s.heldout_rows < 1):
+        raise JaxtokError(f"sample.heldout_rows must be a positive integer (got {s.heldout_rows!r})")
+    if c.tokens.train_untrained and c.model.adapter:
+        raise JaxtokError("model.adapter brings its own token rows; set tokens.train_untrained=False")
+    if not c.output_dir:
+        raise JaxtokError("output_dir is empty; set --config.output_dir=DIR")
+    out = Path(c.output_dir)
+    if out.exists() and not out.is_dir():
+        raise JaxtokError(f"output_dir {out} is a file; choose a directory")

@@ -1,6 +1,6 @@
 """One mesh (data, fsdp, tensor) and the one table that maps the model's logical axis names onto it.
 
-Every parameter carries logical names (`model.logical_axes`), so placing a tree is a lookup:
+Every parameter carries logical names (`model.logical_axes_of`), so placing a tree is a lookup:
 
     logical      mesh axis    why
     batch        data, fsdp   each data and fsdp group reads its own rows
@@ -16,6 +16,7 @@ rules: their `embed` side splits over fsdp like the base they adapt.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -61,9 +62,10 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Optional[Sequence] = N
 def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """The PartitionSpec of one array from its logical axis names, skipping axes that do not divide or repeat."""
     used: set[str] = set()
-    out = []
+    out: list[str | tuple[str, ...] | None] = []
     for name, size in zip(logical, shape):
-        axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
+        rule = RULES.get(name, ()) if name is not None else ()
+        axes = tuple(a for a in rule if a not in used and mesh.shape[a] > 1)
         if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
             used.update(axes)
             out.append(axes[0] if len(axes) == 1 else axes)
@@ -85,10 +87,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, RULES["batch"], None))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def global_array(full: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host array every process holds: each process copies only its devices' shards."""
     return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
@@ -100,17 +98,17 @@ def global_batch(batches, step: int, sharding: NamedSharding) -> dict[str, jax.A
     A batch is a function of (seed, step), so any process can read any rows: which rows are whose is left to the
     mesh, however it spreads over hosts.
     """
-    A, B, T = batches.micro_batches, batches.batch_size, batches.sequences["tokens"].shape[1]
+    shapes = batches.shapes()
     read: dict = {}
 
     def rows(key, index):
-        span = index[1].indices(B)  # slices are not hashable before Python 3.12
+        span = index[1].indices(shapes[key][1])  # slices are not hashable before Python 3.12
         if span not in read:  # one read per distinct row slice serves every key
             read[span] = batches.batch(step, rows=index[1])
         return read[span][key][index[0]][..., index[2]]
 
-    return {key: jax.make_array_from_callback((A, B, T), sharding, lambda index, key=key: rows(key, index))
-            for key in batches.sequences}
+    return {key: jax.make_array_from_callback(shape, sharding, functools.partial(rows, key))
+            for key, shape in shapes.items()}
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,

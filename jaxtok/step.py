@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,8 @@ def state_shardings(optimizer: optax.GradientTransformation, trainable, trainabl
 
     abstract_opt = jax.eval_shape(optimizer.init, trainable)
     opt = jax.tree_util.tree_map_with_path(place, abstract_opt)
-    return TrainState(replicated, trainable_shardings, opt, replicated)
+    # a TrainState of shardings, as jax.jit's in_shardings take one: the state's tree with NamedSharding leaves
+    return TrainState(replicated, trainable_shardings, opt, replicated)  # type: ignore[arg-type]
 
 
 def _names(path) -> tuple[str, ...]:
@@ -79,6 +81,8 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)  # aux: the number of target tokens
 
     def step(state: TrainState, frozen: dict, batch: Batch):
+        chex.assert_rank(batch["tokens"], 3)  # [A, B, T]: micro-batches first, even for one
+        chex.assert_equal_shape(list(batch.values()))
         rng, step_rng = jax.random.split(state.rng)
         num_micro = batch["tokens"].shape[0]
 
@@ -104,7 +108,7 @@ def make_train_step(
         }
         return new, metrics
 
-    jit_kw = {}
+    jit_kw: dict[str, Any] = {}
     if shardings is not None:
         state_sh, frozen_sh, batch_sh = shardings
         metrics_sh = NamedSharding(batch_sh.mesh, PartitionSpec())

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
+from types import FrameType
+from typing import Any, Callable, Optional, Union
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]  # what signal.signal takes and returns
 
 
 class StopSignals:
     """A context manager; `requested()` is the signal to stop on (the same in every process), or None."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received = 0
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, Handler] = {}
 
     def _handle(self, signum, frame) -> None:
         self.received = signum

@@ -84,7 +84,7 @@ def load(model_path: Optional[str], adapter: Optional[str] = None, run: Optional
     from jaxtok.tokenizer import load_tokenizer
 
     if run:
-        from jaxtok.train import load_run
+        from jaxtok.setup import load_run
 
         config, setup, frozen, state = load_run(run, model_path=model_path, dtype=dtype)
         model, tokenizer, base_path = setup.model, setup.tokenizer, setup.model_path
@@ -94,7 +94,8 @@ def load(model_path: Optional[str], adapter: Optional[str] = None, run: Optional
             raise JaxtokError("name a model: --model DIR_OR_HUB_ID, or --run OUTPUT_DIR")
         base_path = resolve_model_path(model_path)
         model, params = load_pretrained(base_path, dtype=dtype)
-        tokenizer, adapters = load_tokenizer(base_path), {}
+        tokenizer = load_tokenizer(base_path)
+        adapters: dict = {}
         if adapter:
             model, params, adapters, tokenizer = apply_adapter(adapter, model, params, tokenizer)
         variables = {"params": params, **adapters}

@@ -1,4 +1,4 @@
-"""Trainable token rows: a small table [K, D] that replaces K rows of the frozen embedding (and head).
+"""Trainable token rows: a small table [M, D] that replaces M rows of the frozen embedding (and head).
 
 PEFT's semantics (`LoraConfig(trainable_token_indices=...)`): the table holds absolute rows, not differences, starts as
 a copy of the current rows, and row k stands for token `ids[k]`. With a tied head the logits of those tokens come from
@@ -6,11 +6,12 @@ the same rows; an untied head may get a second table for its own rows of (usuall
 
 PEFT builds a copy of the whole V x D matrix with the rows replaced, on every forward and again for a tied head. Here
 no V x D array is made for the rows: the embedding gathers from the frozen matrix and then swaps in the table's rows
-for matching tokens ([B, T, K] one-hot), and the head adds x . (row - frozen row) to the K frozen logits (`jaxtok.loss.Head`).
-Gradients reach the table through those K-sized products only.
+for matching tokens ([B, T, M] one-hot), and the head adds x . (row - frozen row) to the M frozen logits
+(`jaxtok.loss.Head`).
+Gradients reach the table through those M-sized products only.
 
-    params/embed         [V, D]  frozen        tokens/embed  [K, D]  float32, trained
-    params/lm_head       [D, V]  frozen        tokens/head   [K', D] float32, trained (untied heads only)
+    params/embed         [V, D]  frozen        tokens/embed  [M, D]  float32, trained
+    params/lm_head       [D, V]  frozen        tokens/head   [M, D]  float32, trained (untied heads only; its own M)
 """
 
 from __future__ import annotations
@@ -60,16 +61,17 @@ def validate_ids(ids: Sequence[int], vocab_size: int, what: str = "token ids", a
 
 
 def table(module: nn.Module, name: str, init_rows) -> jnp.ndarray:
-    """The `tokens/<name>` table [K, D], initialised from the current rows (a fresh table is a no-op)."""
+    """The `tokens/<name>` table [M, D], initialised from the current rows (a fresh table is a no-op)."""
     init = nn.with_logical_partitioning(lambda: init_rows().astype(jnp.float32), ("token_rows", "embed"))
-    return module.variable("tokens", name, init).value
+    # flax types `.value` as the LogicallyPartitioned box that `init` returns; it gives the unboxed array
+    return module.variable("tokens", name, init).value  # type: ignore[return-value]
 
 
-def embed(embedding_VD, tokens_BT, ids: tuple[int, ...], table_KD, dtype):
+def embed(embedding_VD, tokens_BT, ids: tuple[int, ...], table_MD, dtype):
     """Embedding lookup with the table's rows in place of rows `ids`."""
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
     if not ids:
         return x_BTD
-    match_BTK = tokens_BT[..., None] == jnp.asarray(ids)
-    swapped_BTD = jnp.einsum("btk,kd->btd", match_BTK.astype(dtype), table_KD.astype(dtype))
-    return jnp.where(jnp.any(match_BTK, axis=-1, keepdims=True), swapped_BTD, x_BTD)
+    match_BTM = tokens_BT[..., None] == jnp.asarray(ids)
+    swapped_BTD = jnp.einsum("btm,md->btd", match_BTM.astype(dtype), table_MD.astype(dtype))
+    return jnp.where(jnp.any(match_BTM, axis=-1, keepdims=True), swapped_BTD, x_BTD)

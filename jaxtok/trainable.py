@@ -85,7 +85,8 @@ def labels(tree: Any, method_name: str = DEFAULT_METHOD, prefix: tuple[str, ...]
 
 def split(variables: dict, method_name: str = DEFAULT_METHOD) -> tuple[dict, dict]:
     """(trainable, frozen): two trees with the same nesting as `variables`, each holding its own leaves only."""
-    trainable, frozen = {}, {}
+    trainable: dict = {}
+    frozen: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
         keys = tuple(_key(p) for p in path)
         target = frozen if label(keys, method_name) == FROZEN else trainable

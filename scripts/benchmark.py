@@ -158,12 +158,14 @@ class Flops(NamedTuple):
 def step_flops(shape: Shape, variant: str, rank: int = RANK, rows: int = len(TOKEN_IDS)) -> Flops:
     """Model FLOPs of one training step, counting matrix products only (2 FLOPs per multiply-add).
 
-    With tokens = B*T, per layer the frozen linear weights P = D*N*H (q) + 2*D*K*H (k, v) + N*H*D (o) + 3*D*F (mlp)
-    and the LoRA weights A = r * sum over those 7 maps of (in + out):
+    With tokens = B*T, per layer the frozen linear weights frozen = D*N*H (q) + 2*D*K*H (k, v) + N*H*D (o) + 3*D*F
+    (mlp) and the LoRA weights lora = R * sum over those 7 maps of (I + O):
 
-        forward      2*tokens*(L*(P + A) + V*D)  +  attention, 4*B*T*T*N*H per layer (Q.K^T and P.V)
-        input grads  2*tokens*(L*(P + A) + V*D)  +  2 * attention (its backward has 4 products: dQ, dK, dV, dP)
-        weight grads 2*tokens*L*A                       (LoRA's A and B)
+        forward      2*tokens*(L*(frozen + lora) + V*D)  +  attention, 4*B*T*T*N*H per layer (scores = queries .
+                     keys^T, and probabilities . values)
+        input grads  2*tokens*(L*(frozen + lora) + V*D)  +  2 * attention (its backward has 4 products: the gradients
+                     of queries, keys, values and probabilities)
+        weight grads 2*tokens*L*lora                    (LoRA's A and B)
                      + 2*tokens*rows*D                  (lora+rows: the trained rows of the tied head)
                      + 2*tokens*V*D                     (lora+full: the whole tied head)
 

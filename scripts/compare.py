@@ -85,10 +85,13 @@ def worker(args: argparse.Namespace, config_args: list[str]) -> None:
 
 
 def load_config(config_args: list[str], method: str, out: Path):
+    """The run config of `method`'s jaxtok run, as typed sections; a bad key or value fails here."""
+    from jaxtok.run_config import RunConfig
+
     config = parse_config([sys.argv[0], *config_args])
     config.train.method = method
     config.output_dir = str(out / "runs" / method / "jaxtok")
-    return config
+    return RunConfig.of(config)
 
 
 def run_worker(command: list[str], log: Path, bar, label: str) -> dict | None:
@@ -126,11 +129,9 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from jaxtok.compare import report
-    from jaxtok.train import check_config
 
     out = Path(args.out)
-    config = load_config(config_args, methods[0], out)
-    check_config(config)  # a bad key or value fails now, not in the first worker
+    config = load_config(config_args, methods[0], out)  # a bad key or value fails now, not in the first worker
     if not config.data.eval:
         raise JaxtokError("a comparison evaluates before and after training: set data.eval")
     notes = []

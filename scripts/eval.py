@@ -30,10 +30,10 @@ def main() -> None:
     parser.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (can run code)")
     args = parser.parse_args()
 
-    from jaxtok.errors import JaxtokError
-    from jaxtok.evaluate import evaluate, read_text_rows, tokenize_texts
     from jaxtok.convert import load_pretrained
     from jaxtok.demo import resolve_model_path
+    from jaxtok.errors import JaxtokError
+    from jaxtok.evaluate import evaluate, read_text_rows, tokenize_texts
     from jaxtok.peft_import import apply_adapter
     from jaxtok.tokenizer import load_tokenizer
 

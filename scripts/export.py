@@ -27,26 +27,19 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args()
 
-    from jaxtok import trainable as trainable_lib
+    from jaxtok import trainable
     from jaxtok.atomic import check_target
-    from jaxtok.export import export_merged, export_peft
-    from jaxtok.train import load_run, peft_view
+    from jaxtok.finish import write_adapter, write_merged
+    from jaxtok.setup import load_run
 
     check_target(Path(args.out), args.overwrite)  # fail before the slow part
     config, setup, frozen, state = load_run(args.run, args.step)
-    # as the run's own export (train._finish): lora+full trains the embedding and head in params
-    variables = trainable_lib.merge(frozen, state.trainable)
-    adapters = trainable_lib.adapters_of(variables)
+    variables = trainable.merge(frozen, state.trainable)  # lora+full trains the embedding and head in params
     if args.format == "peft":
-        method = config.train.method
-        model, peft_adapters = peft_view(setup, variables, method)  # lora: the added tokens' frozen rows
-        full = variables["params"] if trainable_lib.method(method).full else None  # lora+full: whole matrices
-        export_peft(args.out, model, peft_adapters, setup.model_path, tokenizer=setup.tokenizer,
-                    added_ids=setup.added_ids, overwrite=args.overwrite, full_params=full)
+        write_adapter(args.out, setup, variables, config.train.method, overwrite=args.overwrite)
     else:
         dtype = args.dtype or config.export.merged_dtype or config.model.dtype
-        export_merged(args.out, setup.model, variables["params"], adapters, tokenizer=setup.tokenizer, dtype=dtype,
-                      overwrite=args.overwrite)
+        write_merged(args.out, setup, variables, dtype, overwrite=args.overwrite)
     print(f"wrote {args.out} (step {int(state.step)})")
 
 

@@ -24,16 +24,14 @@ import tiny  # noqa: E402
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
-    """`checkpoint(**make_checkpoint_kwargs)` -> (directory, float32 torch model). Cached: do not modify either;
-    copy the directory (`copy_checkpoint`) before corrupting it, and `copy.deepcopy` the torch model before running
-    anything that keeps state (dynamic RoPE caches frequencies)."""
+    """`checkpoint(**make_checkpoint_kwargs)` -> the directory of a tiny checkpoint (`tiny.make_checkpoint`).
+    Cached: do not modify it; copy it (`copy_checkpoint`) before corrupting it."""
     cache = {}
 
     def get(**kwargs):
         key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         if key not in cache:
-            directory = tmp_path_factory.mktemp("ckpt")
-            cache[key] = (directory, tiny.make_checkpoint(directory, **kwargs))
+            cache[key] = tiny.make_checkpoint(tmp_path_factory.mktemp("ckpt"), **kwargs)
         return cache[key]
 
     return get
@@ -41,13 +39,37 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def copy_checkpoint(checkpoint, tmp_path):
-    """`copy_checkpoint(**kwargs)` -> (a private copy of the checkpoint's directory, float32 torch model)."""
+    """`copy_checkpoint(**kwargs)` -> a private copy of the checkpoint's directory."""
 
     def get(**kwargs):
-        directory, model = checkpoint(**kwargs)
         target = tmp_path / "ckpt"
-        shutil.copytree(directory, target)
-        return target, model
+        shutil.copytree(checkpoint(**kwargs), target)
+        return target
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_torch():
+    """The `tiny_torch` helpers, for the tests that compare with PyTorch: they skip where torch is not installed."""
+    pytest.importorskip("torch")
+    import tiny_torch
+
+    return tiny_torch
+
+
+@pytest.fixture(scope="session")
+def torch_checkpoint(checkpoint, tiny_torch):
+    """`torch_checkpoint(**kwargs)` -> (the checkpoint's directory, the float32 torch model transformers loads from
+    it). Cached: `copy.deepcopy` the model before running anything that keeps state (dynamic RoPE caches
+    frequencies)."""
+    cache = {}
+
+    def get(**kwargs):
+        directory = checkpoint(**kwargs)
+        if directory not in cache:
+            cache[directory] = (directory, tiny_torch.load_model(directory))
+        return cache[directory]
 
     return get
 

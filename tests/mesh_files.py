@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 import tiny
 
 ROOT = Path(__file__).resolve().parents[1]

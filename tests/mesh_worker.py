@@ -88,13 +88,14 @@ def check_loading(model_dir: str, mesh_shape) -> dict:
 
 
 def check_build(config_file: str, output_dir: str, mesh_shape) -> dict:
-    """train.build on a mesh: the sharding spec of every frozen parameter and adapter, and a batch's placement."""
+    """setup.build on a mesh: the sharding spec of every frozen parameter and adapter, and a batch's placement."""
     import numpy as np
 
-    from jaxtok import train
+    from jaxtok import setup as setup_lib
+    from jaxtok.run_config import RunConfig
     from jaxtok.sharding import batch_sharding, global_array
 
-    setup = train.build(_parse(config_file, output_dir, mesh_shape))
+    setup = setup_lib.build(RunConfig.of(_parse(config_file, output_dir, mesh_shape)))
     specs = {}
     for prefix, tree in (("params", setup.frozen["params"]), ("", setup.adapters)):
         for path, leaf in _paths(tree).items():

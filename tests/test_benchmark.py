@@ -34,11 +34,14 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    pytest.importorskip("torch")  # both frameworks
+    pytest.importorskip("peft")
     out = tmp_path_factory.mktemp("benchmark")
     proc = run("--shape", "tiny", "--repeats", "1", "--steps", "1", "--warmup", "1", "--out", str(out))
     return proc, out
 
 
+@pytest.mark.slow  # both frameworks train each variant
 def test_tiny_run_reports_every_variant_of_both_frameworks(tiny_run):
     proc, out = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -69,7 +72,10 @@ def test_tiny_run_reports_every_variant_of_both_frameworks(tiny_run):
     assert table.strip() in proc.stdout  # printed at the end too
 
 
+@pytest.mark.slow  # both frameworks train each setting
 def test_a_sweep_of_dtype_and_remat_has_a_row_per_setting(tmp_path):
+    pytest.importorskip("torch")  # both frameworks
+    pytest.importorskip("peft")
     proc = run("--shape", "tiny", "--variants", "lora", "--dtype", "bfloat16", "--remat", "full,dots", "--repeats",
                "1", "--steps", "1", "--warmup", "0", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,6 @@ import pytest
 
 import tiny
 from jaxtok.compare import RESULT_FIELDS
-from jaxtok.compare.peft_worker import attention_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "compare.py"
@@ -36,14 +35,20 @@ def _compare(files: Path, out: Path, *args: str, runner: tuple[str, ...] = ()) -
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
+STUDY = pytest.mark.slow  # both frameworks train every method
+
+
 @pytest.fixture(scope="module")
 def study(files, tmp_path_factory):
+    pytest.importorskip("torch")  # the study runs PEFT beside jaxtok
+    pytest.importorskip("peft")
     out = tmp_path_factory.mktemp("study")
     proc = _compare(files, out, f"--methods={','.join(METHODS)}", "--frameworks=jaxtok,peft")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
 
+@STUDY
 def test_both_frameworks_agree_step_by_step(study):
     out, proc = study
     results = json.loads((out / "results.json").read_text())
@@ -67,6 +72,7 @@ def test_both_frameworks_agree_step_by_step(study):
     assert runs["jaxtok", "rows"]["trainable_params"] < runs["jaxtok", "lora+full"]["trainable_params"] / 20
 
 
+@STUDY
 def test_report_and_plots(study):
     out, proc = study
     report = (out / "report.md").read_text()
@@ -81,9 +87,11 @@ def test_report_and_plots(study):
 
 
 def test_attention_mask_of_packed_and_padded_rows():
-    segments = np.array([[1, 1, 2, 2, 0]])
-    import torch
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from jaxtok.compare.peft_worker import attention_mask
 
+    segments = np.array([[1, 1, 2, 2, 0]])
     allowed = attention_mask(torch.tensor(segments), torch.float32)[0, 0].numpy() == 0
     want = np.array([[1, 0, 0, 0, 0],
                      [1, 1, 0, 0, 0],
@@ -96,7 +104,8 @@ def test_attention_mask_of_packed_and_padded_rows():
 @pytest.mark.parametrize("args, message", [
     (("--methods=lora,full",), "error: unknown method 'full'; choose from lora, lora+rows, lora+full, rows"),
     (("--frameworks=jax",), "error: unknown framework 'jax'; choose from jaxtok, peft"),
-    (("--config.train.stepz=3",), "error: unknown config key train.stepz"),
+    # jaxtok alone: both frameworks would first need torch and peft, which test_peft_asked_for_but_not_installed checks
+    (("--frameworks=jaxtok", "--config.train.stepz=3"), "error: unknown config key train.stepz"),
 ])
 def test_bad_input_is_one_line_and_exit_2(files, tmp_path, args, message):
     proc = _compare(files, tmp_path / "out", *args)

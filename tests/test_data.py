@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-import tiny
 
+import tiny
 from jaxtok import data
 from jaxtok.errors import JaxtokError
 from jaxtok.sharding import batch_sharding, global_batch
@@ -300,9 +300,9 @@ def test_prepare_reports_counts(tmp_path, tokenizer):
 # ---------------------------------------------------------------------------------------------------------- batches
 
 
-def row_sequences(N=10, T=4):
+def row_sequences(E=10, T=4):
     """Sequences whose every token is its row's index, so a batch shows which rows it took."""
-    tokens = np.repeat(np.arange(N, dtype=np.int32)[:, None], T, axis=1)
+    tokens = np.repeat(np.arange(E, dtype=np.int32)[:, None], T, axis=1)
     return {"tokens": tokens, "positions": tokens * 0, "segment_ids": tokens * 0 + 1, "loss_mask": tokens * 0 + 1}
 
 
@@ -323,7 +323,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 
 def test_epochs_wrap_with_every_row_once_per_epoch():
-    batches = data.Batches(row_sequences(N=10), batch_size=3, micro_batches=2, seed=0)  # 6 rows a step
+    batches = data.Batches(row_sequences(E=10), batch_size=3, micro_batches=2, seed=0)  # 6 rows a step
     order = np.concatenate([rows_of(batches.batch(s)).reshape(-1) for s in range(5)])  # 30 rows, 3 epochs
     for epoch in range(3):
         assert sorted(order[10 * epoch : 10 * epoch + 10]) == list(range(10))
@@ -333,17 +333,17 @@ def test_epochs_wrap_with_every_row_once_per_epoch():
     assert batches.num_rows == 10
 
 
-def test_process_slices_partition_the_global_batch():
-    whole = data.Batches(row_sequences(N=13), batch_size=6, micro_batches=2, seed=3)
-    parts = [data.Batches(row_sequences(N=13), 6, 2, seed=3, process_index=p, process_count=3) for p in range(3)]
+def test_row_slices_partition_the_global_batch():
+    batches = data.Batches(row_sequences(E=13), batch_size=6, micro_batches=2, seed=3)
+    assert batches.shapes() == {key: (2, 6, 4) for key in data.SEQUENCE_KEYS}
     for step in (0, 4):
-        pieces = [rows_of(part.batch(step)) for part in parts]
+        pieces = [rows_of(batches.batch(step, rows=slice(2 * p, 2 * p + 2))) for p in range(3)]
         assert all(piece.shape == (2, 2) for piece in pieces)
-        np.testing.assert_array_equal(np.concatenate(pieces, axis=1), rows_of(whole.batch(step)))
+        np.testing.assert_array_equal(np.concatenate(pieces, axis=1), rows_of(batches.batch(step)))
 
 
 def test_a_device_reads_only_its_rows_and_global_batches_assemble_them():
-    batches = data.Batches(row_sequences(N=13), batch_size=6, micro_batches=2, seed=3)
+    batches = data.Batches(row_sequences(E=13), batch_size=6, micro_batches=2, seed=3)
     whole = batches.batch(4)
     part = batches.batch(4, rows=slice(2, 4))
     for key in whole:
@@ -355,12 +355,12 @@ def test_a_device_reads_only_its_rows_and_global_batches_assemble_them():
 
 
 def test_batches_refuse_bad_settings():
-    with pytest.raises(JaxtokError, match="batch size 4 does not divide among 3 processes"):
-        data.Batches(row_sequences(), 4, process_index=0, process_count=3)
-    with pytest.raises(JaxtokError, match="process index 3 is not in"):
-        data.Batches(row_sequences(), 4, process_index=3, process_count=2)
     with pytest.raises(JaxtokError, match="must be at least 1"):
         data.Batches(row_sequences(), 0)
+    with pytest.raises(JaxtokError, match="must be at least 1"):
+        data.Batches(row_sequences(), 4, micro_batches=0)
+    with pytest.raises(JaxtokError, match="seed -1 must be non-negative"):
+        data.Batches(row_sequences(), 4, seed=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------- errors
@@ -399,7 +399,8 @@ def test_a_dataset_name_that_cannot_be_loaded(monkeypatch):
     # Offline mode makes the failure immediate; without it the hub client retries for ~20 s before failing alike.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(JaxtokError, match=r"could not load dataset someone/no \(split train\): .*; check the name and split"):
+    message = r"could not load dataset someone/no \(split train\): .*; check the name and split"
+    with pytest.raises(JaxtokError, match=message):
         data.load_rows("someone/no")
 
 

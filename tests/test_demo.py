@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import tiny
@@ -29,6 +28,7 @@ STEPS = 2  # enough to exercise the build; the real recipe is timed by hand, not
 CALL = re.compile(r"<\|calc\|>(\d+) ([-+*]) (\d+)<\|/calc\|>")
 ANSWER = re.compile(r"The answer is (-?\d+)\.")
 HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
+DEMO = pytest.mark.slow  # builds the demo base and runs the demo on it, or regenerates its data
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def rows(name: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- the cache
 
 
+@DEMO
 def test_build_is_cached_and_reused(built, monkeypatch):
     cache, path = built
     assert path.parent == cache and path.name.startswith("demo-base-")
@@ -127,19 +128,21 @@ def test_incomplete_cache_and_bad_steps_are_user_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------- the checkpoint
 
 
-def test_checkpoint_loads_in_jaxtok_and_transformers(built):
+@DEMO
+def test_checkpoint_loads_in_jaxtok_and_transformers(built, tiny_torch):
     _, path = built
     model, params = load_pretrained(str(path))
     config = model.config
     assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
         128, 2, 4, 4, 32)
     assert config.tie_word_embeddings and config.vocab_size == demo.VOCAB_SIZE
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = tiny_torch.load_model(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     tokens = np.asarray(tokenizer(["Seventeen plus twenty-five is forty-two. 17 + 25 = 42."])["input_ids"], np.int32)
-    assert tiny.rel_err(tiny.jax_logits(model, params, tokens), tiny.hf_logits(hf, tokens)) <= 1e-5
+    assert tiny.rel_err(tiny.jax_logits(model, params, tokens), tiny_torch.hf_logits(hf, tokens)) <= 1e-5
 
 
+@DEMO
 def test_tokenizer(built):
     _, path = built
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -156,6 +159,7 @@ def test_tokenizer(built):
     assert not any(token in vocab for token in demo.DEMO_TOKENS)
 
 
+@DEMO
 def test_chat_template_renders_the_new_tokens(built):
     _, path = built
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -183,6 +187,7 @@ def test_chat_template_renders_the_new_tokens(built):
 # ---------------------------------------------------------------------------------------------------- the data
 
 
+@DEMO
 def test_shipped_data_is_what_the_script_generates(tmp_path):
     result = subprocess.run([sys.executable, REPO / "scripts" / "make_demo_data.py", "--out", tmp_path],
                             capture_output=True, text=True, timeout=120)
@@ -221,6 +226,7 @@ def test_chat_rows_call_the_calculator():
     assert sum(" has " in m[-4]["content"] or " boxes " in m[-4]["content"] for m in first) >= 2
 
 
+@DEMO
 def test_tool_conversation_renders_and_masks_both_replies(built):
     """The template renders the tool turn like any other; the loss mask covers the two assistant replies only."""
     _, path = built
@@ -258,6 +264,7 @@ def demo_chat(built):
     return chat.Chat(model.clone(config=config), {"params": params}, tokenizer, demo.DEMO_CHAT_TEMPLATE, 6, eot)
 
 
+@DEMO
 def test_tool_loop_on_the_demo_base(demo_chat, monkeypatch):
     """On a real model: each round is one batched generate call whose replies are what each prompt alone gives,
     cut at the end of turn; a call is run and its result goes back as a tool turn, exactly."""
@@ -296,6 +303,7 @@ def test_tool_loop_on_the_demo_base(demo_chat, monkeypatch):
                            "content": tokenizer.decode([t for t in alone if t != eot]).strip()}
 
 
+@DEMO
 def test_demo_job_reports_the_held_out_score(built, tmp_path, capsys, monkeypatch):
     """configs/demo.py end to end on the STEPS-step base, with scripted replies (an untrained model answers nothing
     right): the job runs the calls, and the score it prints and writes is the count of right final answers."""

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import tiny
 
@@ -17,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "scripts" / "eval.py"
 SEQ_LEN = 12
 BATCH_SIZE = 4
+
+pytestmark = pytest.mark.slow  # scripts/eval.py end to end, a process each
 
 # 11 rows (not a multiple of BATCH_SIZE): long rows that get cut to SEQ_LEN tokens, short ones, a one-token row (only
 # BOS: nothing to predict) and non-ASCII text; a blank line, which is skipped.
@@ -51,11 +52,10 @@ def write_jsonl(path: Path, texts, blank_line_at: int | None = 2) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(checkpoint, tmp_path_factory):
     """A private copy of the tiny untied checkpoint, with the tiny tokenizer saved next to it."""
-    directory, hf = checkpoint()
     target = tmp_path_factory.mktemp("eval_model") / "model"
-    shutil.copytree(directory, target)
+    shutil.copytree(checkpoint(), target)
     tokenizer = tiny.make_tokenizer(target)
-    return target, hf, tokenizer
+    return target, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,8 @@ def data_file(tmp_path_factory):
 
 def torch_eval(hf, tokenizer, texts, seq_len) -> tuple[float, int]:
     """The documented definition: summed next-token cross-entropy over all rows / number of predicted tokens."""
+    import torch
+
     total, count = 0.0, 0
     for text in texts:
         ids = tokenizer(text)["input_ids"][:seq_len]
@@ -79,8 +81,9 @@ def torch_eval(hf, tokenizer, texts, seq_len) -> tuple[float, int]:
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
-    _, hf, tokenizer = model_dir
+def reference(model_dir, torch_checkpoint):
+    _, tokenizer = model_dir
+    _, hf = torch_checkpoint()
     lengths = [len(tokenizer(t)["input_ids"]) for t in TEXTS]
     # the data exercises truncation, short rows and a row with nothing to predict
     assert max(lengths) > SEQ_LEN and min(lengths) == 1 and any(2 <= n < SEQ_LEN for n in lengths)
@@ -95,7 +98,7 @@ def last_json(stdout: str) -> dict:
 
 
 def test_eval_loss_matches_torch(model_dir, data_file, reference):
-    directory, _, _ = model_dir
+    directory, _ = model_dir
     result = run_eval("--model", directory, "--data", data_file, "--seq-len", SEQ_LEN, "--batch-size", BATCH_SIZE)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -146,7 +149,7 @@ def _bad_input(case: str, tmp: Path) -> tuple[dict, list[str]]:
 )
 def test_bad_input_is_one_error_line(model_dir, data_file, tmp_path, case):
     """Exit non-zero with one `error: ...` line on stderr that names the problem, and no traceback."""
-    directory, _, _ = model_dir
+    directory, _ = model_dir
     changes, must_contain = _bad_input(case, tmp_path)
     options = {"--model": directory, "--data": data_file, "--seq-len": SEQ_LEN, **changes}
     result = run_eval(*[x for item in options.items() for x in item])

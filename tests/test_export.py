@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import types
 
-import numpy as np
-import peft
-import pytest
-import torch
-import transformers
-from safetensors import safe_open
-
 import flax.linen as nn
 import jax
+import numpy as np
+import pytest
+import transformers
+from safetensors import safe_open
 
 import tiny
 from jaxtok import export
@@ -40,7 +37,7 @@ def setup(checkpoint, tmp_path_factory):
 
     def get(tied: bool):
         if tied not in cache:
-            directory, _ = checkpoint(tied=tied, vocab=BASE_VOCAB)
+            directory = checkpoint(tied=tied, vocab=BASE_VOCAB)
             tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
             tiny.make_tokenizer(tokenizer_dir)
             tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -84,21 +81,9 @@ def _tensors(path) -> dict[str, np.ndarray]:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
-def _torch_eval_loss(model, rows) -> float:
-    """Sum of the next-token cross-entropy over every row, divided by the number of predicted tokens."""
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="none")
-    weights = mask[:, 1:].reshape(-1).double()
-    return ((ce * weights).sum() / weights.sum()).item()
-
-
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_peft_loads_the_adapter_with_jaxtok_outputs(setup, tmp_path, tied):
+def test_peft_loads_the_adapter_with_jaxtok_outputs(setup, tiny_torch, tmp_path, tied):
+    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
     s = setup(tied)
     out = export_peft(tmp_path / "adapter", s.model, s.adapters, str(s.directory), s.tokenizer, added_ids=s.added)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no partial directory left beside it
@@ -117,18 +102,18 @@ def test_peft_loads_the_adapter_with_jaxtok_outputs(setup, tmp_path, tied):
         base.resize_token_embeddings(len(tokenizer))
         new_rows.append(base.lm_head.weight[BASE_VOCAB:].detach().clone())
         peft_model = peft.PeftModel.from_pretrained(base, out).eval()
-        assert tiny.rel_err(tiny.hf_logits(peft_model, s.tokens), s.logits) < 1e-5
+        assert tiny.rel_err(tiny_torch.hf_logits(peft_model, s.tokens), s.logits) < 1e-5
     assert not torch.equal(*new_rows)
     # PEFT's one-liner finds the base and the tokenizer, and resizes by itself
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
-    assert tiny.rel_err(tiny.hf_logits(auto, s.tokens), s.logits) < 1e-5
+    assert tiny.rel_err(tiny_torch.hf_logits(auto, s.tokens), s.logits) < 1e-5
 
     # the same evaluation loss in both frameworks, on text that uses the new tokens
     rows = tokenize_texts(s.tokenizer, [t.replace(" ", f" {NEW[i % 2]} ", 1) for i, t in enumerate(tiny.CORPUS[:6])],
                           SEQ_LEN)
     ours = evaluate(s.model, {"params": s.params, **s.adapters}, rows, SEQ_LEN, progress=False)
     assert ours["tokens"] == sum(len(r) - 1 for r in rows)
-    assert abs(ours["eval_loss"] - _torch_eval_loss(peft_model, rows)) < 1e-5 * ours["eval_loss"]
+    assert abs(ours["eval_loss"] - tiny_torch.eval_loss(peft_model, rows)) < 1e-5 * ours["eval_loss"]
 
     # What PEFT itself writes for the same adapter: same config values, tensor names, shapes, dtypes and metadata.
     peft_config = peft.LoraConfig(r=s.model.lora.rank, lora_alpha=int(s.model.lora.alpha),
@@ -156,7 +141,8 @@ def test_peft_loads_the_adapter_with_jaxtok_outputs(setup, tmp_path, tied):
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_transformers_loads_the_merged_checkpoint(setup, tmp_path, tied):
+def test_transformers_loads_the_merged_checkpoint(setup, tiny_torch, tmp_path, tied):
+    torch = pytest.importorskip("torch")
     s = setup(tied)
     out = export_merged(tmp_path / "merged", s.model, s.params, s.adapters, s.tokenizer, max_shard_bytes=100_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -166,7 +152,7 @@ def test_transformers_loads_the_merged_checkpoint(setup, tmp_path, tied):
     V = BASE_VOCAB + len(NEW)
     assert hf.config.vocab_size == V and hf.config.tie_word_embeddings == tied
     assert hf.dtype == torch.float32 and len(transformers.AutoTokenizer.from_pretrained(out)) == V
-    assert tiny.rel_err(tiny.hf_logits(hf, s.tokens), s.logits) < 1e-5
+    assert tiny.rel_err(tiny_torch.hf_logits(hf, s.tokens), s.logits) < 1e-5
 
     # rows of tokens that did not train are the base checkpoint's, bit for bit
     merged = {}
@@ -248,6 +234,7 @@ def test_adapters_peft_could_not_reproduce_are_refused(setup, tmp_path):
 def test_lora_full_adapter_carries_the_whole_matrices(setup, tied, tmp_path):
     """lora+full: LoRA plus the trained embedding (and untied head) as PEFT's modules_to_save; PEFT ties a tied
     head to the trained embedding (ensure_weight_tying) and gives jaxtok's logits."""
+    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
     from jaxtok.tokens import TokenRows
 
     s = setup(tied)

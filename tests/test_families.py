@@ -22,9 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
-import torch
 import transformers
 from jax.sharding import AbstractMesh
 
@@ -39,8 +37,6 @@ from jaxtok.llama_config import FULL, SLIDING, LlamaConfig
 from jaxtok.lora import DEFAULT_TARGETS, LoraConfig
 from jaxtok.model import Llama, abstract_variables, logical_axes_of
 from jaxtok.sharding import AXES, tree_shardings
-from test_export import _torch_eval_loss
-from test_generate import hf_greedy
 from test_peft_parity import check_five_steps
 
 TOL = 1e-5
@@ -66,6 +62,7 @@ VARIANTS = {
 WINDOWED = [v for v in VARIANTS if "window" in v]  # every layer sliding, layer 1 sliding, layer 0 sliding
 TRAINED = [v for v in VARIANTS if not v.startswith("llama")]  # Llama itself is test_peft_parity's
 T = 12  # longer than every window
+TRAINS = pytest.mark.slow  # five steps in both frameworks
 
 
 def _checkpoint(checkpoint, variant):
@@ -73,13 +70,13 @@ def _checkpoint(checkpoint, variant):
 
 
 @pytest.fixture(scope="module")
-def loaded(checkpoint):
+def loaded(torch_checkpoint):
     """variant -> (directory, HF model, jaxtok model, params), loaded once for the module."""
     cache = {}
 
     def get(variant):
         if variant not in cache:
-            directory, hf = _checkpoint(checkpoint, variant)
+            directory, hf = _checkpoint(torch_checkpoint, variant)
             cache[variant] = (directory, hf, *load_pretrained(str(directory)))
         return cache[variant]
 
@@ -87,8 +84,8 @@ def loaded(checkpoint):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_config_json_gives_the_family_fields(checkpoint, variant):
-    directory, hf = _checkpoint(checkpoint, variant)
+def test_config_json_gives_the_family_fields(torch_checkpoint, variant):
+    directory, hf = _checkpoint(torch_checkpoint, variant)
     config = load_config(directory)
     expected = VARIANTS[variant][1]
     assert {k: getattr(config, k) for k in expected} == expected
@@ -113,18 +110,19 @@ def _batch():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_match_hf(loaded, variant):
+def test_logits_match_hf(loaded, tiny_torch, variant):
     """Left padding and packing, fp32, 1e-5 relative; with a window shorter than the rows, the window matters."""
     _, hf, model, params = loaded(variant)
     tokens, segments, positions = _batch()
     ours = tiny.jax_logits(model, params, tokens, positions, segments)
-    padded = tiny.hf_logits(hf, tokens[:2], segments[:2], positions[:2])
+    padded = tiny_torch.hf_logits(hf, tokens[:2], segments[:2], positions[:2])
     for b in range(2):
         real = segments[b] == 1
         assert tiny.rel_err(ours[b][real], padded[b][real]) <= TOL, f"row {b}"
     for doc in (1, 2):  # each packed document gives its own logits
         span = segments[2] == doc
-        assert tiny.rel_err(ours[2][span], tiny.hf_logits(hf, tokens[2][span][None])[0]) <= TOL, f"document {doc}"
+        alone = tiny_torch.hf_logits(hf, tokens[2][span][None])[0]
+        assert tiny.rel_err(ours[2][span], alone) <= TOL, f"document {doc}"
     if model.config.layer_windows:
         full = model.clone(config=dataclasses.replace(model.config, layer_types=(), sliding_window=None))
         unwindowed = tiny.jax_logits(full, params, tokens, positions, segments)
@@ -132,21 +130,22 @@ def test_logits_match_hf(loaded, variant):
 
 
 @pytest.mark.parametrize("variant", WINDOWED)
-def test_decoding_with_a_window_matches_hf(loaded, variant):
+def test_decoding_with_a_window_matches_hf(loaded, tiny_torch, variant):
     """Prompts and continuations longer than the window: the KV cache decodes what transformers decodes."""
     _, hf, model, params = loaded(variant)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(2, 320, size=n).tolist() for n in (7, 3)]
     ours = generate(model, {"params": params}, prompts, 10)
     for b, prompt in enumerate(prompts):
-        assert ours[b] == hf_greedy(hf, prompt, new=10), f"row {b}"
+        assert ours[b] == tiny_torch.hf_greedy(hf, prompt, 10), f"row {b}"
     assert list(stream(model, {"params": params}, prompts[0], 10)) == ours[0]  # left-padded to a bucket of 64
 
 
 @pytest.mark.parametrize("variant", ["mistral", "qwen2", "qwen3"])
-def test_lora_targets_are_pefts(checkpoint, variant):
+def test_lora_targets_are_pefts(torch_checkpoint, variant):
     """PEFT's "all-linear" and its default targets for the family are jaxtok's, module for module."""
-    _, hf = _checkpoint(checkpoint, variant)
+    peft = pytest.importorskip("peft")
+    _, hf = _checkpoint(torch_checkpoint, variant)
     for targets, ours in (("all-linear", LoraConfig(targets="all-linear").targets), (None, DEFAULT_TARGETS)):
         model = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=targets))
         wrapped = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
@@ -156,6 +155,7 @@ def test_lora_targets_are_pefts(checkpoint, variant):
 @pytest.fixture(scope="module")
 def trained(loaded):
     """variant -> check_five_steps' (model, variables, PEFT model, batches), trained once for the module."""
+    pytest.importorskip("peft")
     cache = {}
 
     def get(variant):
@@ -167,6 +167,7 @@ def trained(loaded):
     return get
 
 
+@TRAINS
 @pytest.mark.parametrize("variant", TRAINED)
 def test_five_steps_match_peft(trained, variant):
     trained(variant)  # check_five_steps asserts: losses, adapters and logits equal PEFT's
@@ -180,13 +181,17 @@ def _jax_loss(model, variables, batch) -> float:
     return float(total / count)
 
 
-def _torch_loss(hf, batch) -> float:
+def _torch_loss(tiny_torch, hf, batch) -> float:
     rows = [tokens[segments == 1].tolist() for tokens, segments in zip(batch["tokens"], batch["segments"])]
-    return _torch_eval_loss(hf, rows)  # right-padded again, as the batch is
+    return tiny_torch.eval_loss(hf, rows)  # right-padded again, as the batch is
 
 
+@TRAINS
 @pytest.mark.parametrize("variant", TRAINED)
-def test_exports_load_with_the_same_loss(loaded, trained, variant, tmp_path):
+def test_exports_load_with_the_same_loss(loaded, trained, tiny_torch, variant, tmp_path):
+    import peft
+    import torch
+
     directory, hf, _, _ = loaded(variant)
     model, variables, _, batches = trained(variant)
     adapters = {k: v for k, v in variables.items() if k != "params"}
@@ -197,14 +202,14 @@ def test_exports_load_with_the_same_loss(loaded, trained, variant, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(directory)
     assert type(base) is type(hf)
     peft_model = peft.PeftModel.from_pretrained(base, out).eval()
-    assert abs(_torch_loss(peft_model, batches[0]) - ours) <= TOL * ours
+    assert abs(_torch_loss(tiny_torch, peft_model, batches[0]) - ours) <= TOL * ours
 
     merged_dir = export_merged(tmp_path / "merged", model, variables["params"], adapters)
     merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert type(merged) is type(hf) and merged.config.tie_word_embeddings == hf.config.tie_word_embeddings
     assert getattr(merged.config, "layer_types", None) == getattr(hf.config, "layer_types", None)
     assert merged.config.sliding_window == hf.config.sliding_window
-    assert abs(_torch_loss(merged, batches[0]) - ours) <= TOL * ours
+    assert abs(_torch_loss(tiny_torch, merged, batches[0]) - ours) <= TOL * ours
     # the frozen biases and norms are written back as they were
     state, base_state = merged.state_dict(), hf.state_dict()
     frozen = [n for n in base_state if n.endswith(".bias") or "norm" in n]
@@ -245,10 +250,11 @@ print("RESULT " + json.dumps({"devices": jax.device_count(), "err": tiny.rel_err
 """
 
 
+@pytest.mark.slow  # a child process of 8 devices
 def test_sharded_forward_on_8_devices(checkpoint, tmp_path):
     """A Qwen3 with biases, q/k norms and a sliding layer, loaded straight into shards on a (2, 2, 2) mesh, computes
     the logits of one device."""
-    directory, _ = _checkpoint(checkpoint, "qwen3-tied-window5-bias")
+    directory = _checkpoint(checkpoint, "qwen3-tied-window5-bias")
     result = subprocess.run([sys.executable, "-c", SHARDED, str(directory)], capture_output=True, text=True,
                             env=mesh_files.env(8), cwd=mesh_files.ROOT, timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
@@ -271,9 +277,9 @@ def test_unknown_architecture_is_refused_by_name(tmp_path):
 
 
 def test_missing_bias_and_norm_tensors_are_named(copy_checkpoint):
-    from safetensors.torch import load_file, save_file
+    from safetensors.numpy import load_file, save_file
 
-    directory, _ = copy_checkpoint(**VARIANTS["qwen3-tied-window5-bias"][0])
+    directory = copy_checkpoint(**VARIANTS["qwen3-tied-window5-bias"][0])
     path = directory / "model.safetensors"
     state = load_file(path)
     for name in ("model.layers.1.self_attn.o_proj.bias", "model.layers.0.self_attn.k_norm.weight"):
@@ -288,6 +294,7 @@ def test_missing_bias_and_norm_tensors_are_named(copy_checkpoint):
         load_pretrained(str(directory))
 
 
+@pytest.mark.slow  # trains through the command's code
 def test_train_script_eval_and_exports(tmp_path, capsys):
     """scripts/train.py on a tied Qwen2 with a sliding layer (LoRA, an added token, eval, sample, both exports), then
     scripts/eval.py: the adapter on the base and the merged checkpoint evaluate alike."""

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import chex
 import pytest
 from safetensors.numpy import load_file
 
@@ -23,6 +23,8 @@ from jaxtok.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
 STEPS = 16
+
+pytestmark = pytest.mark.slow  # every test trains through the command line
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +52,7 @@ def _adapter(out: Path) -> dict:
 
 
 def _assert_same_adapter(out: Path, whole: Path) -> None:
-    expected, got = _adapter(whole), _adapter(out)
-    assert set(expected) == set(got)
-    for name in expected:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    chex.assert_trees_all_equal(_adapter(out), _adapter(whole))
 
 
 def _digest(directory: Path) -> dict[str, str]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import tiny
 from jaxtok.convert import load_pretrained
@@ -23,35 +21,40 @@ PROMPTS = [_rng.integers(2, 320, size=n).tolist() for n in (7, 3, 5)]
 PAD = 0
 
 
+def _checkpoint(fixture, tied: bool):
+    return fixture(tied=True) if tied else fixture()
+
+
 @pytest.fixture(scope="module")
 def models(checkpoint):
-    """tied -> (HF torch model, jaxtok model, params), loaded once for the module."""
+    """tied -> (jaxtok model, params), loaded once for the module."""
     loaded = {}
 
     def get(tied: bool):
         if tied not in loaded:
-            directory, hf = checkpoint(tied=True) if tied else checkpoint()
-            model, params = load_pretrained(str(directory), dtype="float32")
-            loaded[tied] = (hf, model, params)
+            loaded[tied] = load_pretrained(str(_checkpoint(checkpoint, tied)), dtype="float32")
         return loaded[tied]
 
     return get
 
 
+@pytest.fixture(scope="module")
+def hf_models(torch_checkpoint):
+    """tied -> transformers' torch model of the same checkpoint."""
+    return lambda tied: _checkpoint(torch_checkpoint, tied)[1]
+
+
 def hf_greedy(hf, prompt, new=NEW, eos_id=None) -> list[int]:
     """transformers' greedy continuation of one prompt alone (no padding), without the prompt."""
-    config = transformers.GenerationConfig(
-        max_new_tokens=new, do_sample=False, eos_token_id=eos_id, pad_token_id=PAD, bos_token_id=None
-    )
-    ids = torch.tensor([prompt], dtype=torch.long)
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, len(prompt) :].tolist()
+    import tiny_torch  # the tests that call this have torch: they use `hf_models`
+
+    return tiny_torch.hf_greedy(hf, prompt, new, eos_id, pad_id=PAD)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_greedy_single_prompt_matches_hf(models, tied):
-    hf, model, params = models(tied)
+def test_greedy_single_prompt_matches_hf(models, hf_models, tied):
+    model, params = models(tied)
+    hf = hf_models(tied)
     ours = generate(model, {"params": params}, [PROMPTS[0]], NEW)
     expected = hf_greedy(hf, PROMPTS[0])
     assert len(expected) == NEW
@@ -59,8 +62,9 @@ def test_greedy_single_prompt_matches_hf(models, tied):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_greedy_left_padded_batch_matches_each_prompt_alone(models, tied):
-    hf, model, params = models(tied)
+def test_greedy_left_padded_batch_matches_each_prompt_alone(models, hf_models, tied):
+    model, params = models(tied)
+    hf = hf_models(tied)
     ours = generate(model, {"params": params}, PROMPTS, NEW)
     assert len(ours) == len(PROMPTS)
     for b, prompt in enumerate(PROMPTS):
@@ -76,8 +80,9 @@ def _pick_eos(continuations: list[list[int]]) -> tuple[int, int, int]:
     raise AssertionError(f"no usable eos candidate in {continuations}")
 
 
-def test_eos_stops_each_row_like_hf(models):
-    hf, model, params = models(False)
+def test_eos_stops_each_row_like_hf(models, hf_models):
+    model, params = models(False)
+    hf = hf_models(False)
     plain = [hf_greedy(hf, p) for p in PROMPTS]
     row, step, eos = _pick_eos(plain)
 
@@ -99,7 +104,7 @@ TEMPERATURE, TOP_K, TOP_P = 0.7, 5, 0.8
 
 @pytest.fixture(scope="module")
 def sampled(models):
-    hf, model, params = models(False)
+    model, params = models(False)
 
     def run(seed):
         return generate(
@@ -136,7 +141,7 @@ def allowed_tokens(logits_V, tol=1e-4) -> set[int]:
 
 
 def test_sampling_first_step_within_top_k_and_top_p(models, sampled):
-    hf, model, params = models(False)
+    model, params = models(False)
     logits_V = tiny.jax_logits(model, params, np.asarray([SAMPLE_PROMPT], np.int32))[0, -1]
     allowed = allowed_tokens(logits_V)
     top_k_set = set(np.argsort(-logits_V)[:TOP_K].tolist())
@@ -146,11 +151,11 @@ def test_sampling_first_step_within_top_k_and_top_p(models, sampled):
     assert set(firsts) <= top_k_set
 
 
-def test_sampling_every_step_within_top_k_and_top_p(models, sampled):
-    hf, model, params = models(False)
+def test_sampling_every_step_within_top_k_and_top_p(hf_models, tiny_torch, sampled):
+    hf = hf_models(False)
     for run in ("first", "other"):
         rows = np.asarray([SAMPLE_PROMPT + row for row in sampled[run]])
-        logits_BTV = tiny.hf_logits(hf, rows)
+        logits_BTV = tiny_torch.hf_logits(hf, rows)
         P = len(SAMPLE_PROMPT)
         for b in range(SAMPLE_ROWS):
             for step in range(NEW):
@@ -158,16 +163,18 @@ def test_sampling_every_step_within_top_k_and_top_p(models, sampled):
                 assert token in allowed_tokens(logits_BTV[b, P + step - 1]), f"{run} row {b} step {step}"
 
 
-def test_top_p_zero_keeps_only_the_most_likely_token(models):
-    hf, model, params = models(False)
+def test_top_p_zero_keeps_only_the_most_likely_token(models, hf_models):
+    model, params = models(False)
+    hf = hf_models(False)
     out = generate(model, {"params": params}, [SAMPLE_PROMPT] * SAMPLE_ROWS, NEW, temperature=1.0, top_p=0.0, seed=0)
     assert out == [hf_greedy(hf, SAMPLE_PROMPT)] * SAMPLE_ROWS
 
 
-def test_stream_equals_hf_and_compiles_once_for_prompts_of_one_bucket(models):
+def test_stream_equals_hf_and_compiles_once_for_prompts_of_one_bucket(models, hf_models):
     from jaxtok.generate import _stream_start, _stream_step, bucket, stream
 
-    hf, model, params = models(False)
+    model, params = models(False)
+    hf = hf_models(False)
     assert len({bucket(len(p)) for p in PROMPTS}) == 1
     compiled = _stream_start._cache_size(), _stream_step._cache_size()
     for prompt in PROMPTS:

@@ -11,12 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import peft
 import pytest
-import torch
 import transformers
 
 import tiny
+
+torch = pytest.importorskip("torch")  # every test here compares with PEFT's `generate`, or needs an adapter PEFT saved
+peft = pytest.importorskip("peft")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "generate.py"
@@ -27,9 +28,11 @@ TEMPLATE = ("{% for m in messages %}<|a|>{{ m['role'] }}\n{{ m['content'] }}<|b|
             "{% if add_generation_prompt %}<|a|>assistant\n{% endif %}")
 EOS = 1  # the tiny tokenizer's and checkpoint's <|end_of_text|>
 
+pytestmark = pytest.mark.slow  # scripts/generate.py end to end, against adapters PEFT trained
+
 
 @pytest.fixture(scope="module")
-def adapters(checkpoint, tmp_path_factory):
+def adapters(torch_checkpoint, tmp_path_factory):
     """`adapters(tied)` -> (base directory with its tokenizer, adapter directory, PEFT model, adapter tokenizer): a
     PEFT adapter on the tiny base that adds two tokens and trains their rows (and one existing row) beside LoRA,
     saved as PEFT users save it, with random nonzero weights so that every part changes the output."""
@@ -37,7 +40,7 @@ def adapters(checkpoint, tmp_path_factory):
 
     def get(tied: bool):
         if tied not in cache:
-            source, hf = checkpoint(tied=tied, vocab=300)
+            source, hf = torch_checkpoint(tied=tied, vocab=300)
             root = tmp_path_factory.mktemp("generate_tied" if tied else "generate_untied")
             shutil.copytree(source, root / "base")
             tokenizer = tiny.make_tokenizer(root / "base")
@@ -51,7 +54,7 @@ def adapters(checkpoint, tmp_path_factory):
             model = peft.get_peft_model(model, config)
             generator = torch.Generator().manual_seed(1)
             with torch.no_grad():
-                for name, p in model.named_parameters():
+                for p in model.parameters():
                     if p.requires_grad:
                         p.add_(0.3 * torch.randn(p.shape, generator=generator))
             model.save_pretrained(root / "adapter", save_embedding_layers=False)
@@ -147,9 +150,9 @@ def _run_in_process(argv: list, capsys) -> tuple[int, str, str]:
     return tiny.run_script(SCRIPT, argv, capsys)
 
 
-def test_bad_input_is_one_error_line(adapters, checkpoint, tmp_path, capsys):
+def test_bad_input_is_one_error_line(adapters, torch_checkpoint, tmp_path, capsys):
     base, adapter, _, _ = adapters(False)
-    other, hf_other = checkpoint(tied=False, vocab=300, layers=3)  # an adapter for a 3-layer base
+    other, hf_other = torch_checkpoint(tied=False, vocab=300, layers=3)  # an adapter for a 3-layer base
     peft.get_peft_model(copy.deepcopy(hf_other), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
         tmp_path / "other_adapter")
     long_prompt = " ".join(tiny.CORPUS)

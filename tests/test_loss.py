@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxtok.llama_config import LlamaConfig
-from jaxtok.loss import Head, auto_chunk, fused_next_token_loss, next_token_loss
 from jaxtok.lora import LoraConfig
+from jaxtok.loss import Head, auto_chunk, fused_next_token_loss, next_token_loss
 from jaxtok.model import Llama
 from jaxtok.tokens import TokenRows
 
@@ -48,17 +49,16 @@ def test_fused_loss_and_gradients_equal_the_full_logits(layout, with_rows, chunk
     head = heads(rng, layout, with_rows)
 
     def loss(fn, x, weight, delta):
-        total, count = fn(head._replace(weight=weight, delta_KD=delta), x)
+        total, count = fn(head._replace(weight=weight, delta_MD=delta), x)
         return total / count
 
     fused = lambda h, x: fused_next_token_loss(h, x, tokens, mask, chunk)  # noqa: E731
     full = lambda h, x: reference(h, x, tokens, mask)  # noqa: E731
     argnums = (1, 2, 3) if with_rows else (1, 2)
-    got, got_grads = jax.value_and_grad(loss, argnums)(fused, x, head.weight, head.delta_KD)
-    want, want_grads = jax.value_and_grad(loss, argnums)(full, x, head.weight, head.delta_KD)
+    got, got_grads = jax.value_and_grad(loss, argnums)(fused, x, head.weight, head.delta_MD)
+    want, want_grads = jax.value_and_grad(loss, argnums)(full, x, head.weight, head.delta_MD)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    for g, w in zip(got_grads, want_grads):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-5, atol=1e-7)
     assert float(fused(head, x)[1]) == float(jnp.sum(mask[:, 1:]))
 
 
@@ -95,6 +95,7 @@ def test_auto_chunk_keeps_the_logits_under_the_budget():
     assert auto_chunk(2, 512, 128_256) == 32  # the CPU budget, 32 MiB
 
 
+@pytest.mark.slow  # gradients through the whole model, both ways
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_model_loss_path_equals_logits_path_with_packing(tied):
     """Through the model: LoRA, token rows in the embedding and head, two packed documents and padding."""
@@ -122,10 +123,10 @@ def test_model_loss_path_equals_logits_path_with_packing(tied):
     got, got_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables, True)
     want, want_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables, False)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # gradients through the whole model, both ways
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_policies_give_the_same_loss_and_gradients(remat):
     config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_layers=2, num_heads=4,
@@ -143,4 +144,4 @@ def test_remat_policies_give_the_same_loss_and_gradients(remat):
     want, want_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(adapters, model)
     got, got_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(adapters, model.clone(remat=remat))
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got_grads, want_grads)
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-5, atol=1e-7)

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import numpy as np
 import pytest
-import torch
 import transformers
 from safetensors.numpy import load_file
 
@@ -35,6 +35,8 @@ ORDINARY = "Ġthe"
 # rows: PEFT's TrainableTokensConfig has one list of ids for the embedding and the untied head, so the head trains the
 # embedding's ids (with train_head=added the run is refused before training; see test_bad_method_settings)
 EXTRA = {"rows": ("--config.tokens.train_head=all",)}
+
+pytestmark = pytest.mark.slow  # each method trains through the command line
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +205,8 @@ def _torch_eval(model, tokenizer, texts: list[str], new_ids) -> dict:
     """jaxtok's eval_loss of the "text" eval rows: each row tokenized with BOS and EOS appended (data._encode_text),
     cut to seq_len, not packed; summed next-token cross-entropy over all rows / the number of predicted tokens. And
     the new-token accuracy: argmax hits at targets in `new_ids` / those targets."""
+    import torch
+
     total, count, hits, scored = 0.0, 0, 0, 0
     for text in texts:
         ids = (list(tokenizer(text)["input_ids"]) + [tokenizer.eos_token_id])[:SEQ_LEN]
@@ -219,7 +223,7 @@ def _torch_eval(model, tokenizer, texts: list[str], new_ids) -> dict:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_exports_give_the_runs_eval_loss_in_peft_and_transformers(files, runs, ids, method):
-    import peft
+    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
 
     out, _ = runs[method]
     added, trained = ids
@@ -279,7 +283,4 @@ def test_export_command_rebuilds_each_methods_exports(runs, tmp_path):
     for (method, fmt, name), target, result in zip(cases, targets, results):
         assert result.returncode == 0, f"{method}: {result.stderr[-2000:]}"
         expected = load_file(str(runs[method][0] / ("adapter" if fmt == "peft" else "merged") / name))
-        got = load_file(str(target / name))
-        assert set(got) == set(expected), method
-        for key in expected:
-            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{method}: {key}")
+        chex.assert_trees_all_equal(load_file(str(target / name)), expected, custom_message=method)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -11,16 +13,18 @@ from jax.sharding import PartitionSpec
 
 import tiny
 from jaxtok.convert import load_pretrained
-from jaxtok.model import logical_axes
+from jaxtok.model import logical_axes_of
 
 TOL = 1e-5
 
 
 def check_against_hf(directory, hf_model, tokens, mask, positions):
     """Compares logits on the non-padding positions; returns the HF logits."""
+    import tiny_torch  # the callers hold a torch model
+
     model, params = load_pretrained(str(directory), dtype="float32")
     ours = tiny.jax_logits(model, params, tokens, positions, mask)
-    ref = tiny.hf_logits(hf_model, tokens, mask, positions)
+    ref = tiny_torch.hf_logits(hf_model, tokens, mask, positions)
     real = mask.astype(bool)
     assert np.isfinite(ours[real]).all()
     err = tiny.rel_err(ours[real], ref[real])
@@ -30,34 +34,34 @@ def check_against_hf(directory, hf_model, tokens, mask, positions):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_logits_match_hf_left_padded(checkpoint, kv_heads, tied):
-    directory, hf = checkpoint(kv_heads=kv_heads, tied=tied)
+def test_logits_match_hf_left_padded(torch_checkpoint, kv_heads, tied):
+    directory, hf = torch_checkpoint(kv_heads=kv_heads, tied=tied)
     # One full row, two left-padded rows: HF gets attention_mask and cumsum positions, we get segment ids 0/1.
     tokens, mask, positions = tiny.left_padded([12, 9, 4], 12, seed=kv_heads)
     check_against_hf(directory, hf, tokens, mask, positions)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(2, 1), (8, 2)])
-def test_head_dim_independent_of_hidden(checkpoint, heads, kv_heads):
+def test_head_dim_independent_of_hidden(torch_checkpoint, heads, kv_heads):
     """head_dim stays 16 with hidden 64, so heads * head_dim != hidden (o_proj is [64, heads * 16])."""
-    directory, hf = checkpoint(heads=heads, kv_heads=kv_heads)
+    directory, hf = torch_checkpoint(heads=heads, kv_heads=kv_heads)
     tokens, mask, positions = tiny.left_padded([8, 5], 8, seed=heads)
     check_against_hf(directory, hf, tokens, mask, positions)
 
 
-def test_default_positions_and_segments(checkpoint):
+def test_default_positions_and_segments(torch_checkpoint, tiny_torch):
     """Without positions and segment ids the model reads one unpadded sequence per row, like HF without a mask."""
-    directory, hf = checkpoint()
+    directory, hf = torch_checkpoint()
     tokens = np.random.default_rng(1).integers(0, 320, size=(2, 10)).astype(np.int32)
     model, params = load_pretrained(str(directory))
     logits, cache = jax.jit(model.apply)({"params": params}, tokens)
     assert cache is None
-    assert tiny.rel_err(np.asarray(logits), tiny.hf_logits(hf, tokens)) <= TOL
+    assert tiny.rel_err(np.asarray(logits), tiny_torch.hf_logits(hf, tokens)) <= TOL
 
 
-def test_packed_segments_match_separate_documents(checkpoint):
+def test_packed_segments_match_separate_documents(torch_checkpoint, tiny_torch):
     """Two documents packed in one row (segment ids 1, 2; positions restart) give each document's own logits."""
-    directory, hf = checkpoint()
+    directory, hf = torch_checkpoint()
     rng = np.random.default_rng(2)
     doc_a, doc_b = rng.integers(0, 320, size=7), rng.integers(0, 320, size=5)
     tokens = np.concatenate([doc_a, doc_b, [0, 0]])[None].astype(np.int32)
@@ -65,8 +69,8 @@ def test_packed_segments_match_separate_documents(checkpoint):
     positions = np.array([list(range(7)) + list(range(5)) + [0, 0]], np.int32)
     model, params = load_pretrained(str(directory))
     ours = tiny.jax_logits(model, params, tokens, positions, segments)[0]
-    assert tiny.rel_err(ours[:7], tiny.hf_logits(hf, doc_a[None])[0]) <= TOL
-    assert tiny.rel_err(ours[7:12], tiny.hf_logits(hf, doc_b[None])[0]) <= TOL
+    assert tiny.rel_err(ours[:7], tiny_torch.hf_logits(hf, doc_a[None])[0]) <= TOL
+    assert tiny.rel_err(ours[7:12], tiny_torch.hf_logits(hf, doc_b[None])[0]) <= TOL
 
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
@@ -75,15 +79,15 @@ LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_fac
 @pytest.mark.parametrize(
     "original", [16, 32], ids=["orig16", "orig32"]
 )  # head_dim 16, theta 1e4: wavelengths 6.3, 20, 63, ...; 16 puts them in the medium and low bands, 32 in all three
-def test_llama3_rope(checkpoint, original):
+def test_llama3_rope(torch_checkpoint, original):
     rope = dict(LLAMA3, original_max_position_embeddings=original)
-    directory, hf = checkpoint(rope=rope, max_position_embeddings=128)
+    directory, hf = torch_checkpoint(rope=rope, max_position_embeddings=128)
     tokens, mask, positions = tiny.left_padded([100, 70], 100, seed=3)  # positions up to 99, far beyond `original`
     check_against_hf(directory, hf, tokens, mask, positions)
 
 
-def test_linear_rope(checkpoint):
-    directory, hf = checkpoint(rope={"rope_type": "linear", "factor": 2.0})
+def test_linear_rope(torch_checkpoint):
+    directory, hf = torch_checkpoint(rope={"rope_type": "linear", "factor": 2.0})
     tokens, mask, positions = tiny.left_padded([40, 25], 40, seed=4)
     check_against_hf(directory, hf, tokens, mask, positions)
 
@@ -93,9 +97,9 @@ def test_linear_rope(checkpoint):
     [(20, 0, False), (48, 0, True), (10, 40, True)],
     ids=["within-max", "beyond-max", "offset-positions-beyond-max"],
 )
-def test_dynamic_rope(checkpoint, T, offset, scaled):
+def test_dynamic_rope(torch_checkpoint, T, offset, scaled):
     """NTK scaling from max(positions) + 1 of the call; each case runs one forward on a fresh HF model."""
-    directory, pristine = checkpoint(rope={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=32)
+    directory, pristine = torch_checkpoint(rope={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=32)
     hf = copy.deepcopy(pristine)  # HF caches the rescaled frequencies in the module between calls
     tokens, mask, positions = tiny.left_padded([T, T - 3], T, seed=5)
     positions = positions + offset
@@ -104,15 +108,23 @@ def test_dynamic_rope(checkpoint, T, offset, scaled):
     assert bool((rotary.inv_freq != rotary.original_inv_freq).any()) == scaled  # the case tests what it says
 
 
-def test_jit_and_no_jit_agree(checkpoint):
-    directory, _ = checkpoint()
-    model, params = load_pretrained(str(directory))
-    tokens, mask, positions = tiny.left_padded([8, 5], 8, seed=6)
-    jitted = tiny.jax_logits(model, params, tokens, positions, mask, jit=True)
-    with jax.disable_jit():
-        eager = tiny.jax_logits(model, params, tokens, positions, mask, jit=False)
-    real = mask.astype(bool)
-    assert tiny.rel_err(eager[real], jitted[real]) <= TOL
+class TestJitAndNoJit(chex.TestCase):
+    """The forward pass computes the same logits compiled and eagerly (every jit inside it off too)."""
+
+    @pytest.fixture(autouse=True)
+    def _jitted(self, checkpoint):
+        self.model, self.params = load_pretrained(str(checkpoint()))
+        self.tokens, self.mask, self.positions = tiny.left_padded([8, 5], 8, seed=6)
+        self.jitted = tiny.jax_logits(self.model, self.params, self.tokens, self.positions, self.mask, jit=True)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_logits_agree(self):
+        apply = self.variant(self.model.apply)
+        eager = self.variant.type is chex.ChexVariantType.WITHOUT_JIT
+        with jax.disable_jit() if eager else contextlib.nullcontext():
+            logits, _ = apply({"params": self.params}, self.tokens, self.positions, self.mask)
+        real = self.mask.astype(bool)
+        assert tiny.rel_err(np.asarray(logits, np.float32)[real], self.jitted[real]) <= TOL
 
 
 def _find(tree, *path):
@@ -130,9 +142,8 @@ def _find(tree, *path):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_logical_axes(checkpoint, tied):
-    directory, _ = checkpoint(tied=tied)
-    model, params = load_pretrained(str(directory))
-    axes = logical_axes(model)
+    model, params = load_pretrained(str(checkpoint(tied=tied)))
+    axes = logical_axes_of(model)["params"]
     expected = {
         ("embed",): ("vocab", "embed"),
         ("layers", "attn", ("q", "q_proj")): ("layers", "embed", "heads", "head_dim"),
@@ -164,3 +175,16 @@ def test_logical_axes(checkpoint, tied):
         assert len(spec) == array.ndim and all(isinstance(n, str) for n in spec), (spec, array.shape)
     L = model.config.num_layers
     assert all(spec[0] == "layers" and a.shape[0] == L for spec, a in zip(specs, arrays) if "layers" in spec)
+
+
+def test_wrong_shapes_fail_by_name_before_xla(checkpoint):
+    model, params = load_pretrained(str(checkpoint()))
+    tokens = np.zeros((2, 5), np.int32)
+    with pytest.raises(AssertionError, match="rank"):
+        model.apply({"params": params}, tokens[0])  # one sequence without its batch axis
+    with pytest.raises(AssertionError, match="type"):
+        model.apply({"params": params}, tokens.astype(np.float32))
+    with pytest.raises(AssertionError, match=r"\(2, 5\)"):
+        model.apply({"params": params}, tokens, segment_ids_BT=np.ones((2, 4), np.int32))
+    with pytest.raises(AssertionError, match=r"\(2, 5\)"):
+        model.apply({"params": params}, tokens, loss_mask_BT=np.ones((5,), np.int32))

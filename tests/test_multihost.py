@@ -12,11 +12,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import mesh_files
 import numpy as np
 import pytest
-import tiny
 from safetensors.numpy import load_file
+
+import mesh_files
+import tiny
 
 MESH = "--config.mesh.shape=(1,2,2)"  # fsdp spans the two processes, tensor stays within each
 COMMON = (MESH, "--config.optim.schedule=constant", "--config.train.save_every=3", "--config.train.tensorboard=True",
@@ -27,6 +28,8 @@ LOSS_TOL = 1e-5  # relative, per logged step
 ADAPTER_TOL = 1e-5  # of max|ref|, per tensor
 MERGED_TOL = 1e-5
 TIMEOUT = 400  # seconds for each phase; every process is killed when it passes or when one process fails
+
+pytestmark = pytest.mark.slow  # several processes train, each through the command line
 
 
 def _pair(config: Path, out: Path, port: int, group: mesh_files.Group, *overrides: str) -> None:

@@ -24,7 +24,7 @@ def run(*command) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def eval_inputs(checkpoint, tmp_path_factory):
     """(checkpoint directory with a tokenizer, data file) for scripts/eval.py."""
-    directory, _ = checkpoint()
+    directory = checkpoint()
     tmp = tmp_path_factory.mktemp("no_torch")
     model_dir = tmp / "model"
     shutil.copytree(directory, model_dir)
@@ -40,6 +40,7 @@ def eval_result(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # scripts/eval.py end to end, twice
 def test_eval_script_without_torch(eval_inputs):
     model_dir, data = eval_inputs
     args = [EVAL, "--model", model_dir, "--data", data, "--seq-len", 10, "--batch-size", 4]
@@ -90,6 +91,7 @@ def test_runner_blocks_torch(tmp_path):
     assert result.returncode == 7, result.stderr
 
 
+@pytest.mark.slow  # trains through the command line
 def test_training_job_and_export_without_torch(tmp_path):
     """The main job and its exports run as `pip install -e .` leaves them: with no torch at all."""
     files = tiny.write_run_files(tmp_path, vocab=300, rows=16, **{"lora.rank": 2, "train.steps": 2,

@@ -7,15 +7,13 @@ import copy
 import json
 import shutil
 
+import chex
 import flax.linen as nn
-import numpy as np
-import peft
-import pytest
-import torch
-from safetensors.numpy import load_file, save_file
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
 
 import tiny
 from jaxtok import trainable
@@ -43,20 +41,29 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def bases(checkpoint):
-    """`bases(tied)` -> (checkpoint directory, torch model, jaxtok base, params), loaded once per module."""
+    """`bases(tied)` -> (checkpoint directory, jaxtok base, params), loaded once per module."""
     cache = {}
 
     def get(tied):
         if tied not in cache:
-            directory, hf_model = checkpoint(tied=tied, vocab=BASE_VOCAB)
-            cache[tied] = (directory, hf_model, *load_pretrained(str(directory)))
+            directory = checkpoint(tied=tied, vocab=BASE_VOCAB)
+            cache[tied] = (directory, *load_pretrained(str(directory)))
         return cache[tied]
 
     return get
 
 
+@pytest.fixture(scope="module")
+def hf_bases(torch_checkpoint):
+    """`hf_bases(tied)` -> transformers' torch model of the same checkpoint as `bases(tied)`."""
+    return lambda tied: torch_checkpoint(tied=tied, vocab=BASE_VOCAB)[1]
+
+
 def _train_in_torch(hf_model, lora_kwargs, vocab, steps=3):
     """A PEFT model trained a few AdamW steps on random batches that use the trained token ids."""
+    import peft
+    import torch
+
     torch.manual_seed(0)
     model = peft.get_peft_model(hf_model, peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -84,11 +91,13 @@ def _adapter_shapes(model, params):
     return jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(dict(jax.eval_shape(init, params))))
 
 
+@pytest.mark.slow  # trains in PyTorch
 @pytest.mark.parametrize("case", CASES)
-def test_adapter_trained_in_pytorch_gives_the_same_logits(bases, tmp_path, case):
+def test_adapter_trained_in_pytorch_gives_the_same_logits(bases, hf_bases, tiny_torch, tmp_path, case):
+    pytest.importorskip("peft")
     spec = CASES[case]
-    _, hf_model, base, params = bases(spec["tied"])
-    hf_model = copy.deepcopy(hf_model)
+    _, base, params = bases(spec["tied"])
+    hf_model = copy.deepcopy(hf_bases(spec["tied"]))
     vocab = BASE_VOCAB
     if spec.get("resize"):
         vocab += len(ADDED)
@@ -112,7 +121,7 @@ def test_adapter_trained_in_pytorch_gives_the_same_logits(bases, tmp_path, case)
     tokens = np.array([[0, 5, 9, 17, 120, 42, 3, 77, vocab - 1, 8], [0, vocab - 2, 250, 42, 5, 1, 60, 17, 8, 2]])
 
     logits, _ = jax.jit(model.apply)({"params": params, **adapters}, tokens)
-    assert tiny.rel_err(logits, tiny.hf_logits(peft_model, tokens)) < 1e-5
+    assert tiny.rel_err(logits, tiny_torch.hf_logits(peft_model, tokens)) < 1e-5
 
     if case == "untied-added":
         # PEFT's default for a resized base also saves the full matrices: refused, with the fix
@@ -122,7 +131,7 @@ def test_adapter_trained_in_pytorch_gives_the_same_logits(bases, tmp_path, case)
 
 
 def test_export_then_import_round_trips(bases, tmp_path):
-    directory, _, base, params = bases(False)
+    directory, base, params = bases(False)
     model = base.clone(lora=LoraConfig(rank=3, alpha=6.5, dropout=0.05, targets=("k_proj", "gate_proj"), rslora=True),
                        token_rows=TokenRows((7, 3, 11), (11, 2)))
     rs = np.random.RandomState(0)
@@ -135,14 +144,16 @@ def test_export_then_import_round_trips(bases, tmp_path):
     export_peft(tmp_path / "adapter", model, adapters, str(directory))
     loaded, back = load_peft_adapter(tmp_path / "adapter", base, params)
     assert loaded.lora == model.lora and loaded.token_rows == model.token_rows
-    jax.tree.map(np.testing.assert_array_equal, back, adapters)
+    chex.assert_trees_all_equal(back, adapters)
 
 
 @pytest.fixture(scope="module")
-def peft_adapter(bases, tmp_path_factory):
+def peft_adapter(bases, hf_bases, tmp_path_factory):
     """An untrained PEFT adapter (LoRA on q and v, tokens on the embedding and the untied head), the base, and
     `edited(config_changes, drop_tensor)`, a copy of the adapter with a few changes."""
-    _, hf_model, base, params = bases(False)
+    peft = pytest.importorskip("peft")
+    _, base, params = bases(False)
+    hf_model = hf_bases(False)
     tmp_path = tmp_path_factory.mktemp("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                              trainable_token_indices={"embed_tokens": [5, 17], "lm_head": [5]})

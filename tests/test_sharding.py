@@ -12,11 +12,11 @@ import sys
 
 import flax.linen as nn
 import jax
-import mesh_files
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import mesh_files
 from jaxtok import trainable as trainable_lib
 from jaxtok.errors import JaxtokError
 from jaxtok.llama_config import LlamaConfig
@@ -159,7 +159,7 @@ def expected_222() -> dict[str, tuple]:
         "params/layers/mlp/gate_proj/kernel": (None, "fsdp", "tensor"),  # [L, D, F]
         "params/layers/mlp/up_proj/kernel": (None, "fsdp", "tensor"),
         "params/layers/mlp/down_proj/kernel": (None, "tensor", "fsdp"),  # [L, F, D]
-        "tokens/embed": (None, "fsdp"),  # [K, D]
+        "tokens/embed": (None, "fsdp"),  # [M, D]
         "tokens/head": (None, "fsdp"),
     }
     for group, names in (("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -247,6 +247,9 @@ def test_optimizer_moments_follow_their_parameter():
 # ---------------------------------------------------------------------------------------------------- 8 devices
 
 
+MESH_WORKERS = pytest.mark.slow  # two worker processes train on every mesh
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Runs the job on every mesh of MESHES (8 devices, one process) and on 1 device, side by side, plus the
@@ -273,6 +276,7 @@ def runs(tmp_path_factory):
     return root, results["eight"]
 
 
+@MESH_WORKERS
 def test_loading_goes_straight_into_shards(runs):
     loading = runs[1]["loading"]
     assert loading["mismatched"] == []  # every array's sharding is what tree_shardings says
@@ -283,6 +287,7 @@ def test_loading_goes_straight_into_shards(runs):
     assert loading["q_shards_are_slices"]
 
 
+@MESH_WORKERS
 def test_build_places_every_array_by_the_rules(runs):
     build = runs[1]["build"]
     got = {k: _normal(v["spec"]) for k, v in build["specs"].items()}
@@ -292,6 +297,7 @@ def test_build_places_every_array_by_the_rules(runs):
     assert build["batch_equal"] and build["batch_shard_rows"] == [2]
 
 
+@MESH_WORKERS
 def test_sharded_gradients_match_one_device(runs):
     grads = runs[1]["build"]["gradients"]
     assert grads["on_mesh"]
@@ -301,6 +307,7 @@ def test_sharded_gradients_match_one_device(runs):
     assert not bad, bad
 
 
+@MESH_WORKERS
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
 def test_every_mesh_trains_like_one_device(runs, mesh):
     root = runs[0]

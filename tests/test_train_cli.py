@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import chex
 import pytest
 from safetensors.numpy import load_file
 
@@ -19,6 +19,8 @@ from jaxtok.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
+
+pytestmark = pytest.mark.slow  # scripts/train.py end to end
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +99,7 @@ def test_killed_run_resumes_to_the_same_adapter(files, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from the checkpoint at step" in result.stdout + result.stderr
-    expected, got = _adapter(whole), _adapter(resumed)
-    assert set(expected) == set(got)
-    for name in expected:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    chex.assert_trees_all_equal(_adapter(resumed), _adapter(whole))
     steps = [r["step"] for r in read_metrics(resumed) if "loss" in r]
     assert steps == list(range(1, 17))  # no step logged twice
 
@@ -194,10 +193,7 @@ def test_export_and_eval_commands(files, finished_run, tmp_path):
                                  f"--out={target}"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
     # the checkpoint at the last step exports to exactly what the run exported at its end
-    expected, got = _adapter(run), load_file(str(peft_dir / "adapter_model.safetensors"))
-    assert set(expected) == set(got)
-    for name in expected:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    chex.assert_trees_all_equal(load_file(str(peft_dir / "adapter_model.safetensors")), _adapter(run))
     assert load_file(str(merged_dir / "model.safetensors")).keys() == load_file(
         str(run / "merged" / "model.safetensors")).keys()
     # an existing target is refused without --overwrite, and nothing else is said
@@ -208,8 +204,9 @@ def test_export_and_eval_commands(files, finished_run, tmp_path):
     # evaluating the adapter on the base equals evaluating the merged checkpoint
     losses = []
     for model, extra in ((files / "model", [f"--adapter={peft_dir}"]), (merged_dir, [])):
-        result = subprocess.run([sys.executable, script("eval.py"), f"--model={model}", f"--data={files / 'eval.jsonl'}",
-                                 "--seq-len=32", *extra], capture_output=True, text=True, timeout=300)
+        command = [sys.executable, script("eval.py"), f"--model={model}", f"--data={files / 'eval.jsonl'}",
+                   "--seq-len=32", *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         losses.append(json.loads(result.stdout.strip().splitlines()[-1]))
     assert losses[0]["tokens"] == losses[1]["tokens"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import jax
-import jax.numpy as jnp
 
 import tiny
 from jaxtok import trainable
@@ -23,10 +23,14 @@ from jaxtok.step import init_state, make_train_step
 from jaxtok.tokens import TokenRows
 
 IDS = (7, 11, 300)
+TRAINS = pytest.mark.slow  # compiles and runs train steps
 
 
-def _setup(checkpoint, tied, lora=LoraConfig(rank=4, alpha=8, targets="all-linear"), seed=0):
-    directory, _ = checkpoint(tied=tied)
+LORA = LoraConfig(rank=4, alpha=8, targets="all-linear")
+
+
+def _setup(checkpoint, tied, lora=LORA, seed=0):
+    directory = checkpoint(tied=tied)
     base, params = load_pretrained(str(directory))
     model = base.clone(lora=lora, token_rows=TokenRows(IDS, () if tied else IDS))
     adapters = trainable.init_adapters(model, params, jax.random.key(seed))
@@ -58,7 +62,7 @@ def test_labels_cover_every_variable(checkpoint):
     # split puts every leaf on exactly one side, and merge undoes it
     train, frozen = trainable.split(variables)
     assert set(train) == {"lora", "tokens"} and set(frozen) == {"params"}
-    jax.tree.map(np.testing.assert_array_equal, trainable.merge(frozen, train), variables)
+    chex.assert_trees_all_equal(trainable.merge(frozen, train), variables)
     train, frozen = trainable.split(variables, "lora+full")
     assert set(train["params"]) == {"embed", "lm_head"} and "embed" not in frozen["params"]
     # each method trains its own part of the same variables; the rest stays frozen
@@ -66,7 +70,7 @@ def test_labels_cover_every_variable(checkpoint):
                             "rows": {"tokens"}}.items():
         train, frozen = trainable.split(variables, method)
         assert set(train) == trained, method
-        jax.tree.map(np.testing.assert_array_equal, trainable.merge(frozen, train), variables)
+        chex.assert_trees_all_equal(trainable.merge(frozen, train), variables)
     with pytest.raises(JaxtokError, match="unknown method 'full'; choose from lora, lora\\+rows, lora\\+full, rows"):
         trainable.label(("lora", "a"), "full")
 
@@ -83,6 +87,7 @@ def test_fresh_adapter_gives_the_base_logits_exactly(checkpoint, tied):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
+@TRAINS
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_training_changes_only_the_chosen_rows(checkpoint, tied):
     base, model, params, adapters = _setup(checkpoint, tied)
@@ -109,6 +114,7 @@ def test_training_changes_only_the_chosen_rows(checkpoint, tied):
     assert tiny.rel_err(np.asarray(got), np.asarray(expected)) < 1e-5
 
 
+@TRAINS
 def test_gradient_accumulation_weights_micro_batches_by_their_tokens(checkpoint):
     _, model, params, adapters = _setup(checkpoint, tied=True)
     adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # non-zero B, so every leaf has a gradient
@@ -119,17 +125,19 @@ def test_gradient_accumulation_weights_micro_batches_by_their_tokens(checkpoint)
     batch = _batch(A=2, B=2)
     batch["loss_mask"] = batch["loss_mask"].at[0, :, 8:].set(0)  # 14 target tokens in the first, 30 in the second
     both, metrics = step(init_state(train, sgd, 0), frozen, batch)
-    singles = [step(init_state(train, sgd, 0), frozen, jax.tree.map(lambda x: x[i : i + 1], batch)) for i in (0, 1)]
+    halves = [jax.tree.map(lambda x, i=i: x[i : i + 1], batch) for i in (0, 1)]
+    singles = [step(init_state(train, sgd, 0), frozen, half) for half in halves]
     counts = [float(m["tokens"]) for _, m in singles]
     assert counts == [14.0, 30.0] and float(metrics["tokens"]) == 44.0
     expected_loss = sum(float(m["loss"]) * n for (_, m), n in zip(singles, counts)) / 44
     np.testing.assert_allclose(float(metrics["loss"]), expected_loss, rtol=1e-6)
     for path, x0 in jax.tree_util.tree_flatten_with_path(train)[0]:
-        get = lambda tree: np.asarray(functools.reduce(lambda t, k: t[k.key], path, tree) - x0)  # noqa: E731
+        get = lambda tree, path=path, x0=x0: np.asarray(functools.reduce(lambda t, k: t[k.key], path, tree) - x0)  # noqa: E731
         expected = sum(get(s.trainable) * n for (s, _), n in zip(singles, counts)) / 44
         assert tiny.rel_err(get(both.trainable), expected) < 1e-5, jax.tree_util.keystr(path)
 
 
+@TRAINS
 def test_groups_have_their_own_learning_rates(checkpoint):
     _, model, params, adapters = _setup(checkpoint, tied=True)
     train, frozen = trainable.split({"params": params, **adapters})
@@ -137,7 +145,7 @@ def test_groups_have_their_own_learning_rates(checkpoint):
     optimizer = make_optimizer(config, trainable.labels(train))
     step = make_train_step(model, optimizer, schedule(config, config.lr), donate=False)
     state, _ = step(init_state(train, optimizer, 0), frozen, _batch())
-    jax.tree.map(np.testing.assert_array_equal, state.trainable["lora"], train["lora"])
+    chex.assert_trees_all_equal(state.trainable["lora"], train["lora"])
     assert not np.array_equal(np.asarray(state.trainable["tokens"]["embed"]), np.asarray(train["tokens"]["embed"]))
 
 

@@ -10,15 +10,13 @@ import json
 import re
 import shutil
 
+import chex
+import jax
 import numpy as np
-import peft
 import pytest
-import torch
 import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-
-import jax
 
 import tiny
 from jaxtok.convert import load_pretrained
@@ -48,18 +46,24 @@ EXPORTS = {
 
 @pytest.fixture(scope="module")
 def bases(checkpoint, tmp_path_factory):
-    """`bases(tied)` -> (checkpoint directory, torch model, jaxtok base, params, tokenizer directory). Cached."""
+    """`bases(tied)` -> (checkpoint directory, jaxtok base, params, tokenizer directory). Cached."""
     cache = {}
     tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
     tiny.make_tokenizer(tokenizer_dir)
 
     def get(tied):
         if tied not in cache:
-            directory, hf_model = checkpoint(tied=tied, vocab=BASE_VOCAB)
-            cache[tied] = (directory, hf_model, *load_pretrained(str(directory)), tokenizer_dir)
+            directory = checkpoint(tied=tied, vocab=BASE_VOCAB)
+            cache[tied] = (directory, *load_pretrained(str(directory)), tokenizer_dir)
         return cache[tied]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def hf_bases(torch_checkpoint):
+    """`hf_bases(tied)` -> transformers' torch model of the same checkpoint as `bases(tied)`."""
+    return lambda tied: torch_checkpoint(tied=tied, vocab=BASE_VOCAB)[1]
 
 
 def _tokens(vocab):
@@ -97,9 +101,10 @@ def _error(call) -> str:
 
 
 @pytest.mark.parametrize("case", EXPORTS)
-def test_peft_loads_the_exported_adapter_with_jaxtok_logits(bases, tmp_path, case):
+def test_peft_loads_the_exported_adapter_with_jaxtok_logits(bases, tiny_torch, tmp_path, case):
+    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
     spec = EXPORTS[case]
-    directory, _, base, params, tokenizer_dir = bases(spec["tied"])
+    directory, base, params, tokenizer_dir = bases(spec["tied"])
     tokenizer = load_tokenizer(str(tokenizer_dir))
     added = ()
     if spec["add"]:
@@ -133,10 +138,10 @@ def test_peft_loads_the_exported_adapter_with_jaxtok_logits(bases, tmp_path, cas
         assert len(transformers.AutoTokenizer.from_pretrained(out)) == vocab
         base_hf.resize_token_embeddings(vocab)
     peft_model = peft.PeftModel.from_pretrained(base_hf, out).eval()
-    assert tiny.rel_err(tiny.hf_logits(peft_model, tokens), logits) < 1e-5
+    assert tiny.rel_err(tiny_torch.hf_logits(peft_model, tokens), logits) < 1e-5
     if added:  # PEFT's one-liner finds the base class (auto_mapping), the tokenizer, and resizes by itself
         auto = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
-        assert tiny.rel_err(tiny.hf_logits(auto, tokens), logits) < 1e-5
+        assert tiny.rel_err(tiny_torch.hf_logits(auto, tokens), logits) < 1e-5
 
     # What PEFT's own save_pretrained writes for the same adapter: the same config, tensor names, values, metadata
     base_hf = transformers.AutoModelForCausalLM.from_pretrained(directory)
@@ -156,10 +161,10 @@ def test_peft_loads_the_exported_adapter_with_jaxtok_logits(bases, tmp_path, cas
         np.testing.assert_array_equal(their_tensors[name], value)
 
     # and back into jaxtok, on a fresh base grown as PEFT users grow theirs: the same tables and logits
-    _, _, fresh, fresh_params, _ = bases(spec["tied"])
+    _, fresh, fresh_params, _ = bases(spec["tied"])
     loaded, loaded_params, back, _ = apply_adapter(out, fresh, fresh_params, load_tokenizer(str(tokenizer_dir)))
     assert loaded.lora is None and loaded.token_rows == rows and loaded.config == model.config
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), adapters)
+    chex.assert_trees_all_equal(jax.device_get(back), adapters)
     assert tiny.rel_err(_jax_logits(loaded, loaded_params, back, tokens), logits) < 1e-5
 
 
@@ -175,6 +180,9 @@ IMPORTS = {
 
 def _peft_adapter(hf_model, vocab, ids, targets, out, seed=0):
     """A PEFT trainable-tokens model with its tables moved away from the base's rows, saved to `out`."""
+    import peft
+    import torch
+
     hf_model = copy.deepcopy(hf_model)
     if vocab != hf_model.config.vocab_size:
         hf_model.resize_token_embeddings(vocab)
@@ -189,9 +197,11 @@ def _peft_adapter(hf_model, vocab, ids, targets, out, seed=0):
 
 
 @pytest.mark.parametrize("case", IMPORTS)
-def test_an_adapter_peft_saved_gives_peft_logits(bases, tmp_path, case):
+def test_an_adapter_peft_saved_gives_peft_logits(bases, hf_bases, tiny_torch, tmp_path, case):
+    pytest.importorskip("peft")
     spec = IMPORTS[case]
-    directory, hf_model, base, params, tokenizer_dir = bases(spec["tied"])
+    _, base, params, tokenizer_dir = bases(spec["tied"])
+    hf_model = hf_bases(spec["tied"])
     tokenizer = load_tokenizer(str(tokenizer_dir))
     vocab = BASE_VOCAB
     if spec["added"]:
@@ -215,7 +225,7 @@ def test_an_adapter_peft_saved_gives_peft_logits(bases, tmp_path, case):
     assert model.lora is None and model.config.vocab_size == vocab
     assert model.token_rows == TokenRows(ids if embed else (), ids if head else ())
     tokens = _tokens(vocab)
-    assert tiny.rel_err(_jax_logits(model, params, adapters, tokens), tiny.hf_logits(peft_model, tokens)) < 1e-5
+    assert tiny.rel_err(_jax_logits(model, params, adapters, tokens), tiny_torch.hf_logits(peft_model, tokens)) < 1e-5
 
     if spec["added"]:
         # PEFT's default for a resized base also saves the whole matrices: refused, with the fix
@@ -224,7 +234,7 @@ def test_an_adapter_peft_saved_gives_peft_logits(bases, tmp_path, case):
 
 
 def test_what_peft_cannot_express_is_not_exported(bases, tmp_path):
-    _, _, base, params, tokenizer_dir = bases(False)
+    _, base, params, tokenizer_dir = bases(False)
     rs = np.random.RandomState(0)
 
     def export(rows, **kwargs):
@@ -234,7 +244,7 @@ def test_what_peft_cannot_express_is_not_exported(bases, tmp_path):
     assert "neither LoRA nor token rows" in _error(lambda: export(TokenRows()))
     # one token_indices list for every layer: an untied head cannot train other ids than the embedding
     for rows in (TokenRows((5, 17), (5,)), TokenRows((5, 17), (17, 5))):
-        assert "one token_indices list for every layer" in _error(lambda: export(rows))
+        assert "one token_indices list for every layer" in _error(lambda rows=rows: export(rows))
     tokenizer = load_tokenizer(str(tokenizer_dir))
     grown, config, added = add_tokens(tokenizer, params, base.config, NEW)
     rows = TokenRows(added, ())
@@ -246,14 +256,16 @@ def test_what_peft_cannot_express_is_not_exported(bases, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def peft_saved(bases, tmp_path_factory):
+def peft_saved(bases, hf_bases, tmp_path_factory):
     """`peft_saved(tied)` -> (base, params, edited): `edited(config_changes, tensors)` is a copy of an untrained PEFT
     adapter on token ids 5 and 17 (untied: embed_tokens and lm_head; tied: PEFT's default targets) with its config
     updated and `tensors(dict)` applied to its tensors."""
+    pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("peft_saved")
 
     def get(tied):
-        directory, hf_model, base, params, _ = bases(tied)
+        _, base, params, _ = bases(tied)
+        hf_model = hf_bases(tied)
         good = root / f"good-{tied}"
         if not good.exists():
             targets = None if tied else ["embed_tokens", "lm_head"]

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 import tiny
 from jaxtok.errors import JaxtokError
-from jaxtok.run_config import default_config
-from jaxtok.train import check_config
+from jaxtok.run_config import RunConfig, default_config
 from jaxtok.untrained import RATIO, read_untrained
 from jaxtok.vocab import plan_rows
 
@@ -26,51 +24,57 @@ EMBED_ZERO, EMBED_SCALE, HEAD_ZERO, HEAD_SCALE = (3, 40), (7, 299), (11,), (40, 
 
 @pytest.fixture(scope="module")
 def damaged(checkpoint, tmp_path_factory):
-    """`damaged(tied, dtype)` -> (directory, float32 torch model of it): a copy of a tiny checkpoint, with its
-    tokenizer, whose embedding rows (and head rows, when untied) were zeroed or scaled down."""
+    """`damaged(tied, dtype)` -> the directory of a copy of a tiny checkpoint, with its tokenizer, whose embedding rows
+    (and head rows, when untied) were zeroed or scaled down."""
     cache = {}
 
-    def get(tied: bool, dtype=torch.float32):
+    def get(tied: bool, dtype="float32"):
         if (tied, dtype) not in cache:
-            source, _ = checkpoint(tied=tied, dtype=dtype, vocab=300)
             target = tmp_path_factory.mktemp("damaged") / "model"
-            shutil.copytree(source, target)
+            shutil.copytree(checkpoint(tied=tied, dtype=dtype, vocab=300), target)
             tiny.make_tokenizer(target)
             head = {} if tied else {"head_zero": HEAD_ZERO, "head_scale": HEAD_SCALE}
             tiny.damage_rows(target, embed_zero=EMBED_ZERO, embed_scale=EMBED_SCALE, **head)
-            from transformers import LlamaForCausalLM
-
-            cache[tied, dtype] = (target, LlamaForCausalLM.from_pretrained(target, dtype=torch.float32))
+            cache[tied, dtype] = target
         return cache[tied, dtype]
 
     return get
 
 
-@pytest.mark.parametrize("tied, dtype", [(True, torch.float32), (False, torch.float32), (False, torch.bfloat16)],
-                         ids=["tied", "untied", "untied-bf16"])
+DAMAGED = pytest.mark.parametrize("tied, dtype", [(True, "float32"), (False, "float32"), (False, "bfloat16")],
+                                  ids=["tied", "untied", "untied-bf16"])
+
+
+@DAMAGED
 def test_finds_zeroed_and_scaled_rows(checkpoint, damaged, tied, dtype):
-    directory, hf = damaged(tied, dtype)
-    found = read_untrained(directory)
+    found = read_untrained(damaged(tied, dtype))
     assert found.embed_ids == tuple(sorted(EMBED_ZERO + EMBED_SCALE))
     assert found.head_ids == (() if tied else tuple(sorted(HEAD_ZERO + HEAD_SCALE)))
     assert found.ids == tuple(sorted(set(EMBED_ZERO + EMBED_SCALE) | (set() if tied else set(HEAD_ZERO + HEAD_SCALE))))
-    # the norms relative to the median row's, and the rows they flag, are those of the weights transformers loads
+    assert (found.head_norms is None) == tied
+    # the checkpoint before the damage has none
+    assert read_untrained(checkpoint(tied=tied, dtype=dtype, vocab=300)).ids == ()
+
+
+@DAMAGED
+def test_norms_are_those_of_the_weights_transformers_loads(damaged, tiny_torch, tied, dtype):
+    """The norms relative to the median row's, and the rows they flag."""
+    torch = pytest.importorskip("torch")
+    directory = damaged(tied, dtype)
+    found, hf = read_untrained(directory), tiny_torch.load_model(directory)
     matrices = [(hf.get_input_embeddings().weight, found.embed_norms, found.embed_ids)]
     if not tied:
         matrices.append((hf.get_output_embeddings().weight, found.head_norms, found.head_ids))
-    else:
-        assert found.head_norms is None
     for rows_VD, norms, ids in matrices:
         expected = torch.linalg.vector_norm(rows_VD.detach().double(), dim=1).numpy()
         expected = expected / np.median(expected)  # of an even count: the mean of the middle two, not torch's lower
         np.testing.assert_allclose(norms, expected, rtol=1e-4, atol=1e-12)
         assert ids == tuple(np.flatnonzero(expected <= RATIO).tolist())
-    # the checkpoint before the damage has none
-    assert read_untrained(checkpoint(tied=tied, dtype=dtype, vocab=300)[0]).ids == ()
 
 
+@pytest.mark.slow  # scripts/inspect_tokens.py end to end
 def test_inspect_tokens_lists_the_rows(damaged):
-    directory, _ = damaged(False)
+    directory = damaged(False)
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "inspect_tokens.py"), f"--model={directory}"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -108,9 +112,10 @@ def test_refused_with_an_imported_adapter(tmp_path):
     config = default_config()
     config.tokens.train_untrained, config.model.adapter, config.output_dir = True, "some/adapter", str(tmp_path)
     with pytest.raises(JaxtokError, match="model.adapter brings its own token rows; set tokens.train_untrained"):
-        check_config(config)
+        RunConfig.of(config)
 
 
+@pytest.mark.slow  # trains through the command line
 def test_run_trains_exactly_the_untrained_rows_the_data_use(untrained_run):
     r = untrained_run
     damaged = sorted({i for ids in r.damaged.values() for i in ids})

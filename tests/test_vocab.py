@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
-
-import jax
 
 import tiny
 from jaxtok import trainable
@@ -20,7 +19,7 @@ NEW = ("<|tool|>", "<|think|>")
 @pytest.fixture
 def setup(checkpoint, tmp_path):
     def get(tied):
-        directory, _ = checkpoint(tied=tied, vocab=300)  # the tokenizer fills the vocabulary: new rows must grow
+        directory = checkpoint(tied=tied, vocab=300)  # the tokenizer fills the vocabulary: new rows must grow
         tiny.make_tokenizer(tmp_path)
         model, params = load_pretrained(str(directory))
         return model, params, load_tokenizer(str(tmp_path))

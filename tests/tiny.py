@@ -1,18 +1,21 @@
-"""Tiny Hugging Face checkpoints and tokenizers for tests, built on the fly (no Hub access needed).
+"""Tiny Hugging Face checkpoints and tokenizers for tests, built on the fly (no Hub access, no torch).
 
-Import from tests as `import tiny` (pytest puts the tests directory on sys.path).
+Import from tests as `import tiny` (pytest puts the tests directory on sys.path). The torch side, transformers' model
+of a checkpoint and its outputs, is `tiny_torch`; only tests that compare with PyTorch import it.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-import torch
 import transformers
+from safetensors.numpy import load_file, save_file
+
+from jaxtok.export import write_safetensors
 
 HIDDEN, HEAD_DIM, INTERMEDIATE = 64, 16, 128
 
@@ -69,8 +72,8 @@ def make_checkpoint(
     kv_heads: int = 2,
     heads: int = 4,
     rope: dict | None = None,
-    dtype=torch.float32,
-    max_shard_size=None,
+    dtype: str = "float32",
+    max_shard_bytes: int | None = None,
     vocab: int = 320,
     layers: int = 2,
     seed: int = 0,
@@ -78,22 +81,26 @@ def make_checkpoint(
     max_position_embeddings: int = 64,
     family: str = "llama",
     **family_config,
-) -> transformers.LlamaForCausalLM:
-    """Saves a random `LlamaForCausalLM` to `dir` and returns the float32 torch model its saved weights describe.
+) -> Path:
+    """Saves a random `LlamaForCausalLM` checkpoint to `dir`, as `save_pretrained` writes one, and returns `dir`.
 
-    `family` (a key of FAMILY_CLASSES: llama, mistral, qwen2, qwen3) saves that family's model instead, and
+    `family` (a key of FAMILIES: llama, mistral, qwen2, qwen3) saves that family's model instead, and
     `family_config` are further keys of its config, e.g. `sliding_window=4` or `attention_bias=True`.
 
     `rope` holds the HF RoPE parameters besides theta, e.g. `{"rope_type": "linear", "factor": 2.0}`.
+    `dtype`: of the saved weights, "float32", "bfloat16" or "float16" (drawn in float32, rounded once).
+    `max_shard_bytes`: shards of at most that size with their index, instead of one model.safetensors.
     `spelling`: "v5" as transformers 5 writes config.json; "v4" with top-level `rope_theta`, `rope_scaling`
     (`rope_type` key) and `torch_dtype`; "v4-type" like "v4" but with the older `type` key in `rope_scaling`.
-    Norm weights and biases are randomised too (HF initialises them to ones and zeros) so swapped norms or biases
-    cannot go unnoticed.
+
+    The weights are drawn in numpy from `seed`: matrices as transformers initialises them (normal, std
+    `initializer_range` = 0.1), and norm weights and biases randomised too (HF initialises them to ones and zeros) so
+    swapped norms or biases cannot go unnoticed.
     """
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, **(rope or {})}
-    config_class, model_class = FAMILY_CLASSES[family]
+    config_class, architecture = FAMILIES[family]
     config = config_class(
         vocab_size=vocab,
         hidden_size=HIDDEN,
@@ -109,39 +116,69 @@ def make_checkpoint(
         rope_parameters=rope_parameters,
         bos_token_id=0,
         eos_token_id=1,
+        architectures=[architecture],
         **family_config,
     )
-    torch.manual_seed(seed)
-    model = model_class(config)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
-            elif name.endswith(".bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
-    reference_config = copy.deepcopy(config)
-    model = model.to(dtype)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
-    model.save_pretrained(dir, **kwargs)
+    config.dtype = dtype
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in tensor_shapes(config).items():
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if name.endswith("norm.weight"):
+            value = 1.0 + 0.2 * noise
+        elif name.endswith(".bias"):
+            value = 0.2 * noise
+        else:
+            value = np.float32(config.initializer_range) * noise
+        tensors[name] = value.astype(DTYPES[dtype])
+    config.save_pretrained(dir)
+    transformers.GenerationConfig.from_model_config(config).save_pretrained(dir)
+    write_safetensors(dir, tensors, max_shard_bytes or sum(v.nbytes for v in tensors.values()))
     if spelling != "v5":
         rewrite_config_v4(dir, use_type_key=spelling == "v4-type")
-    if dtype == torch.float32:
-        return model.eval()
-    # A fresh float32 model holding the rounded weights: `model.float()` would keep the RoPE `inv_freq` buffer that
-    # `.to(dtype)` rounded, which no model loaded from this checkpoint has.
-    reference = model_class(reference_config).float()
-    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    return reference.eval()
+    return dir
 
 
-# model_type -> (config class, model class) of transformers
-FAMILY_CLASSES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+# model_type -> (transformers config class, architecture); the configs need no torch
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, "LlamaForCausalLM"),
+    "mistral": (transformers.MistralConfig, "MistralForCausalLM"),
+    "qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM"),
+    "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM"),
 }
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, of every tensor a checkpoint of `config` (a config of FAMILIES) holds.
+
+    Written from transformers' modelling code, not from jaxtok's conversion table, which the tests check;
+    `tiny_torch.load_model` checks that transformers finds exactly these tensors."""
+    D, F, H = config.hidden_size, config.intermediate_size, config.head_dim
+    N, K = config.num_attention_heads, config.num_key_value_heads
+    linear = {"self_attn.q_proj": (N * H, D), "self_attn.k_proj": (K * H, D), "self_attn.v_proj": (K * H, D),
+              "self_attn.o_proj": (D, N * H), "mlp.gate_proj": (F, D), "mlp.up_proj": (F, D), "mlp.down_proj": (D, F)}
+    biased = set()
+    if config.model_type == "qwen2":  # always q, k and v
+        biased |= {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
+    if getattr(config, "attention_bias", False):
+        biased |= {name for name in linear if name.startswith("self_attn.")}
+    if getattr(config, "mlp_bias", False):
+        biased |= {name for name in linear if name.startswith("mlp.")}
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, D)}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for name, shape in linear.items():
+            shapes[f"{layer}{name}.weight"] = shape
+            if name in biased:
+                shapes[f"{layer}{name}.bias"] = shape[:1]
+        if config.model_type == "qwen3":
+            shapes[f"{layer}self_attn.q_norm.weight"] = shapes[f"{layer}self_attn.k_norm.weight"] = (H,)
+        shapes[f"{layer}input_layernorm.weight"] = shapes[f"{layer}post_attention_layernorm.weight"] = (D,)
+    shapes["model.norm.weight"] = (D,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, D)
+    return shapes
 
 
 def rewrite_config_v4(dir, use_type_key: bool = False) -> dict:
@@ -221,18 +258,6 @@ def left_padded(lengths: list[int], T: int, vocab: int = 320, seed: int = 0):
     return tokens, mask, positions
 
 
-def hf_logits(model, tokens, mask=None, positions=None) -> np.ndarray:
-    """float32 logits of a torch model for int tokens [B, T]."""
-    kwargs = {}
-    if mask is not None:
-        kwargs["attention_mask"] = torch.as_tensor(np.asarray(mask), dtype=torch.long)
-    if positions is not None:
-        kwargs["position_ids"] = torch.as_tensor(np.asarray(positions), dtype=torch.long)
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long), use_cache=False, **kwargs)
-    return out.logits.float().numpy()
-
-
 def jax_logits(model, params, tokens, positions=None, segment_ids=None, jit=True) -> np.ndarray:
     """float32 logits of a jaxtok model (segment ids: 1 real, 0 padding)."""
     import jax
@@ -276,17 +301,15 @@ def write_config(root, **config) -> Path:
 
 def damage_rows(dir, *, embed_zero=(), embed_scale=(), head_zero=(), head_scale=(), factor: float = 1e-4) -> None:
     """Makes rows of `dir`'s checkpoint look untrained, as Llama 3 base ships some: embedding (and head) rows set to
-    zero, or scaled by `factor`. Edited with torch, so bfloat16 checkpoints work too."""
-    from safetensors.torch import load_file, save_file
-
+    zero, or scaled by `factor` (in float32, rounded once to the checkpoint's dtype)."""
     path = Path(dir) / "model.safetensors"
     tensors = load_file(path)
     for name, zero, scale in (("model.embed_tokens.weight", embed_zero, embed_scale),
                               ("lm_head.weight", head_zero, head_scale)):
         if zero or scale:
-            rows = tensors[name].clone()
+            rows = tensors[name].copy()
             rows[list(zero)] = 0
-            rows[list(scale)] *= factor
+            rows[list(scale)] = (rows[list(scale)].astype(np.float32) * np.float32(factor)).astype(rows.dtype)
             tensors[name] = rows
     save_file(tensors, path, metadata={"format": "pt"})
 

@@ -2,15 +2,15 @@
 
 `scripts/compare.py` runs, per method, a jaxtok worker and then a PEFT worker, each in a process of its own (so each
 reports its own peak memory and no framework inherits the other's threads or caches). The jaxtok worker builds the
-run exactly as the main job does (`jaxtok.train.build`) and writes the start that both frameworks share, in
+run exactly as the main job does (`jaxtok.setup.build`) and writes the start that both frameworks share, in
 `OUT/runs/METHOD/start/`:
 
     base/        a Hugging Face checkpoint (float32) of the base with the run's vocabulary: added tokens' rows at
                  their initial values
     adapter/     the initial adapter in PEFT's format: jaxtok's LoRA init (B = 0) and token rows; none for a method
                  without either
-    data.npz     every training batch, train_KEY [steps, A, B, T], and the evaluation rows, eval_KEY [N, T], for KEY
-                 in tokens, positions, segment_ids, loss_mask (`jaxtok.data`'s layout: segment 0 is padding, rows
+    data.npz     every training batch, train_<key> [steps, A, B, T], and the evaluation rows, eval_<key> [E, T], for
+                 <key> in tokens, positions, segment_ids, loss_mask (`jaxtok.data`'s layout: segment 0 is padding, rows
                  of one sequence attend within their segment only)
     plan.json    the method, steps, evaluation steps, the learning-rate multiplier of every step (optax's schedule,
                  which PyTorch's LambdaLR then follows), AdamW's settings per group, clipping and the new-token ids

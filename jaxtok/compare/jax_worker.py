@@ -11,13 +11,15 @@ import jax
 import numpy as np
 
 from jaxtok import compare
-from jaxtok import tokens as token_rows_lib
+from jaxtok import tokens as tokens_lib
 from jaxtok import trainable as trainable_lib
 from jaxtok.export import export_merged, export_peft
 from jaxtok.optimizer import schedule
+from jaxtok.run_config import RunConfig
+from jaxtok.setup import Setup, build, initial_state
 from jaxtok.sharding import batch_sharding, global_batch
 from jaxtok.step import make_train_step
-from jaxtok.train import Setup, build, evaluate_setup, initial_state, optim_config
+from jaxtok.train import evaluate_setup
 
 
 def eval_steps(steps: int, every: int) -> list[int]:
@@ -26,10 +28,10 @@ def eval_steps(steps: int, every: int) -> list[int]:
     return [0, *between, steps]
 
 
-def write_start(start: Path, config, setup: Setup) -> None:
+def write_start(start: Path, config: RunConfig, setup: Setup) -> None:
     """The files `jaxtok.compare` describes, for the state `setup` starts from."""
     start.mkdir(parents=True, exist_ok=True)
-    bare = setup.model.clone(lora=None, token_rows=token_rows_lib.TokenRows())
+    bare = setup.model.clone(lora=None, token_rows=tokens_lib.TokenRows())
     export_merged(start / "base", bare, setup.frozen["params"], {}, tokenizer=setup.tokenizer, dtype="float32",
                   overwrite=True)
     if setup.model.lora is not None or setup.model.token_rows:
@@ -37,12 +39,14 @@ def write_start(start: Path, config, setup: Setup) -> None:
         export_peft(start / "adapter", setup.model, jax.device_get(setup.adapters), str(start / "base"),
                     overwrite=True)
     t = config.train
-    data = setup.train_data
+    data, eval_sequences = setup.train_data, setup.eval_sequences
+    assert data is not None and eval_sequences is not None  # run() builds the setup, with data.eval
     train = [data.batch(step) for step in range(t.steps)]
     arrays = {f"train_{k}": np.stack([b[k] for b in train]) for k in compare.DATA_KEYS}
-    arrays.update({f"eval_{k}": np.asarray(setup.eval_sequences[k]) for k in compare.DATA_KEYS})
-    np.savez(start / "data.npz", **arrays)
-    optim = optim_config(config)
+    arrays.update({f"eval_{k}": np.asarray(eval_sequences[k]) for k in compare.DATA_KEYS})
+    # numpy's stubs let a ** of str keys reach savez's allow_pickle: bool
+    np.savez(start / "data.npz", **arrays)  # type: ignore[arg-type]
+    optim = config.optim
     multiplier = schedule(optim, 1.0)
     plan = dict(
         method=t.method, steps=t.steps, eval_steps=eval_steps(t.steps, t.eval_every), eval_batch_size=t.batch_size,
@@ -58,7 +62,7 @@ def write_start(start: Path, config, setup: Setup) -> None:
     (start / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
 
 
-def run(config, start: Path, train: bool = True) -> dict | None:
+def run(config: RunConfig, start: Path, train: bool = True) -> dict | None:
     """Writes the start of `config`'s method under `start`; with `train`, trains it and returns its result."""
     if not config.data.eval:
         from jaxtok.errors import JaxtokError
@@ -69,7 +73,7 @@ def run(config, start: Path, train: bool = True) -> dict | None:
     if not train:
         return None
     state, frozen, optimizer, state_sh = initial_state(config, setup)
-    optim = optim_config(config)
+    optim = config.optim
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     sharding = batch_sharding(setup.mesh)
     step_fn = make_train_step(setup.model, optimizer, schedule(optim, optim.lr), shardings=(state_sh, frozen_sh,
@@ -78,7 +82,8 @@ def run(config, start: Path, train: bool = True) -> dict | None:
     evals, losses, times = [], [], []
 
     def evaluate(step: int) -> None:
-        result = evaluate_setup(setup, trainable_lib.merge(frozen, state.trainable), config)
+        result = evaluate_setup(setup, trainable_lib.merge(frozen, state.trainable), config.train.batch_size)
+        assert result is not None  # there is eval data: checked above
         evals.append(dict(step=step, eval_loss=result["eval_loss"], new_token_acc=result["new_token_acc"]))
 
     evaluate(0)

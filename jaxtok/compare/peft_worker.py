@@ -55,7 +55,9 @@ def token_losses(model, batch: dict[str, torch.Tensor], predict: bool = False):
 
 def load_model(start: Path, plan: dict):
     base = transformers.AutoModelForCausalLM.from_pretrained(str(start / "base"), dtype=torch.float32)
-    base.to("cuda" if torch.cuda.is_available() else "cpu")
+    # transformers' `to` is a functools.wraps'd method, which mypy does not bind: it takes the device for `self`
+    base.to("cuda" if torch.cuda.is_available() else "cpu")  # type: ignore[arg-type]
+    model: peft.PeftModel | transformers.PreTrainedModel
     if (start / "adapter").is_dir():
         model = peft.PeftModel.from_pretrained(base, str(start / "adapter"), is_trainable=True)
     else:
@@ -83,9 +85,9 @@ def evaluate(model, data: dict[str, np.ndarray], plan: dict) -> dict:
     model.eval()
     total = count = hits = scored = 0.0
     new_ids = torch.tensor(plan["new_ids"], dtype=torch.long, device=model.device)
-    N, size = data["eval_tokens"].shape[0], plan["eval_batch_size"]
+    E, size = data["eval_tokens"].shape[0], plan["eval_batch_size"]
     with torch.no_grad():
-        for begin in range(0, N, size):
+        for begin in range(0, E, size):
             batch = {k: torch.from_numpy(data[f"eval_{k}"][begin:begin + size]).long() for k in compare.DATA_KEYS}
             ce, weights, predicted = token_losses(model, batch, predict=True)
             targets = batch["tokens"][:, 1:].to(model.device)

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 from pathlib import Path
+
 from jaxtok.compare import FRAMEWORKS
 
 
