@@ -249,11 +249,6 @@ class RunConfig:
             output_dir=c.output_dir, source=c,
         )
 
-    def replace(self, **sections) -> "RunConfig":
-        """A copy with some fields of sections replaced: `replace(model={"path": p})`."""
-        changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
-        return dataclasses.replace(self, **changed)
-
     def to_json(self) -> str:
         return self.source.to_json_best_effort(indent=2) + "\n"
 

@@ -37,6 +37,7 @@ from jaxtok.llama_config import FULL, SLIDING, LlamaConfig
 from jaxtok.lora import DEFAULT_TARGETS, LoraConfig
 from jaxtok.model import Llama, abstract_variables, logical_axes_of
 from jaxtok.sharding import AXES, tree_shardings
+from jaxtok.trainable import adapters_of
 from test_peft_parity import check_five_steps
 
 TOL = 1e-5
@@ -194,7 +195,7 @@ def test_exports_load_with_the_same_loss(loaded, trained, tiny_torch, variant, t
 
     directory, hf, _, _ = loaded(variant)
     model, variables, _, batches = trained(variant)
-    adapters = {k: v for k, v in variables.items() if k != "params"}
+    adapters = adapters_of(variables)
     ours = _jax_loss(model, variables, batches[0])
 
     out = export_peft(tmp_path / "adapter", model, adapters, str(directory))

@@ -13,6 +13,7 @@ from jaxtok.lora import LoraConfig
 from jaxtok.loss import Head, auto_chunk, fused_next_token_loss, next_token_loss
 from jaxtok.model import Llama
 from jaxtok.tokens import TokenRows
+from jaxtok.trainable import adapters_of
 
 B, T, D, V = 2, 12, 16, 50
 IDS = (3, 7, 41)
@@ -135,7 +136,7 @@ def test_remat_policies_give_the_same_loss_and_gradients(remat):
     model = Llama(config, lora=LoraConfig(rank=2, targets="all-linear"), token_rows=TokenRows(IDS))
     variables = model.init(jax.random.key(0), tokens)
     variables = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(1), v.shape), variables)
-    frozen, adapters = {"params": variables["params"]}, {k: v for k, v in variables.items() if k != "params"}
+    frozen, adapters = {"params": variables["params"]}, adapters_of(variables)
 
     def loss(adapters, model):
         (total, count), _ = model.apply({**frozen, **adapters}, tokens, loss_mask_BT=mask)

@@ -115,17 +115,23 @@ def _assert_identical(merged: dict, base: dict, names) -> None:
         np.testing.assert_array_equal(merged[name], base[name], err_msg=name)
 
 
+def _assert_only_lora_targets_trained(merged: dict, base: dict) -> list[str]:
+    """Every LoRA-targeted layer tensor of the merged checkpoint moved, every other layer tensor (norms) is the
+    base's bit for bit; returns the targeted names."""
+    targets = [n for n in _layer_names(base) if _is_lora_target(n)]
+    for name in targets:
+        assert not np.array_equal(merged[name], base[name]), f"{name} did not train"
+    _assert_identical(merged, base, [n for n in _layer_names(base) if not _is_lora_target(n)])
+    return targets
+
+
 def test_lora_trains_lora_only_and_keeps_the_added_rows_as_they_start(files, runs, ids):
     out, log = runs["lora"]
     added, _ = ids
     base, merged = _base(files), _merged(out)
     assert "token rows (embedding): none" in log
     assert set(merged) == set(base)
-    targets = [n for n in _layer_names(base) if _is_lora_target(n)]
-    assert len(targets) == 2 * len(PROJECTIONS)
-    for name in targets:
-        assert not np.array_equal(merged[name], base[name]), f"{name} did not train"
-    _assert_identical(merged, base, [n for n in _layer_names(base) if not _is_lora_target(n)])  # norms
+    assert len(_assert_only_lora_targets_trained(merged, base)) == 2 * len(PROJECTIONS)
     for name in (EMBED, HEAD):
         assert merged[name].shape == (301, tiny.HIDDEN)
         np.testing.assert_array_equal(merged[name][:300], base[name], err_msg=name)  # tokens.train ids too
@@ -145,9 +151,7 @@ def test_lora_rows_trains_lora_and_the_token_rows_only(files, runs, ids):
     out, _ = runs["lora+rows"]
     added, trained = ids
     base, merged = _base(files), _merged(out)
-    for name in (n for n in _layer_names(base) if _is_lora_target(n)):
-        assert not np.array_equal(merged[name], base[name]), f"{name} did not train"
-    _assert_identical(merged, base, [n for n in _layer_names(base) if not _is_lora_target(n)])
+    _assert_only_lora_targets_trained(merged, base)
     embed_changed = _changed_rows(merged[EMBED], base[EMBED])
     assert embed_changed == {trained[1]}, "only the trained ordinary token's row (EOS's has no gradient)"
     assert not np.allclose(merged[EMBED][added], base[EMBED].mean(axis=0), atol=1e-6), "added row did not train"
@@ -163,9 +167,7 @@ def test_lora_full_trains_the_whole_embedding_and_head(files, runs, ids):
     out, log = runs["lora+full"]
     added, trained = ids
     base, merged = _base(files), _merged(out)
-    for name in (n for n in _layer_names(base) if _is_lora_target(n)):
-        assert not np.array_equal(merged[name], base[name]), f"{name} did not train"
-    _assert_identical(merged, base, [n for n in _layer_names(base) if not _is_lora_target(n)])
+    _assert_only_lora_targets_trained(merged, base)
     token_ids = {added, *trained}
     embed_changed = _changed_rows(merged[EMBED], base[EMBED])
     head_changed = _changed_rows(merged[HEAD], base[HEAD])
