@@ -3,22 +3,38 @@
 `next_token_loss` takes [B, T, V] logits. At Llama 3's vocabulary those logits are the largest buffers of a LoRA step
 (B*T*128,256 floats, and as many again for their gradient), larger than the whole trainable state.
 
-`fused_next_token_loss` never builds them. It takes the final hidden states and the `Head` (the frozen output matrix,
-plus the token-row corrections of `jaxtok.tokens`), and walks the sequence in chunks of C positions: per chunk it
-computes the [B, C, V] logits, their log-sum-exp and the target's logit, so one [B, C, V] buffer is live at a time.
+`fused_next_token_loss` never builds them. It takes the final hidden states and the `Head` (the output matrix, plus
+the token-row corrections of `jaxtok.tokens`) and returns the loss; under differentiation it computes the gradients in
+the same pass (a custom VJP: the loss is a scalar, so its gradients are these times the cotangent, and the backward
+pass only scales them). Recomputing the logits in the backward instead would cost a third matmul with the V x D head,
+which is most of the step where the vocabulary dominates. It takes one of two routes:
 
-Under differentiation the same pass also computes the gradients, from the chunk's logits while they are at hand
-(a custom VJP): the loss is a scalar, so its gradients are these times the cotangent, and the backward pass only
-scales them. Recomputing the logits in the backward instead would cost a third matmul with the V x D head, which is
-most of the step where the vocabulary dominates:
+* **Vocabulary blocks** (training with a frozen head: `lora`, `lora+rows`, `rows`). One pass over the head in blocks
+  of VB rows, for all B*T positions at once, with an online log-sum-exp (as flash attention does over keys): per
+  block, the [B, T, VB] logits, then the running max, the running sum of exponentials and the running sum of
+  exponential-weighted head rows are rescaled and updated. At the end
 
-    d logits = (softmax(logits) - onehot(target)) * weight
-    d x      = d logits . W            d delta = d logits[:, ids]^T . x          d W = d logits^T . x
+      log Z = max + log(sum)        d x = weight * (rows sum / sum - row of the target)
 
-The gradient of W is written out like the others, so training the whole head (`lora+full`) works; when W is frozen
-nothing consumes it and XLA drops that product (tests/test_memory.py checks the compiled step's buffers).
-Evaluation (no differentiation) runs the loss alone, and can count from the same logits how many targets are the
-argmax (`hit_mask_BT`: the accuracy on the new tokens).
+  and the loss is log Z minus the target's logit. The trained token rows are one more block, taken first (their
+  columns of the frozen head are masked out), so `d delta` comes from their softmax share.
+  Why: profiled at shape S of `scripts/benchmark.py` (vocabulary 128,256, hidden 256, 1,024 positions, 2-core CPU),
+  the route below spent about 1 s of a 1.3 s step in its two head matmuls, at about 130 GFLOP/s against the ~190 the
+  machine reaches: each chunk of 64 positions re-reads and re-packs the whole 131 MB head. Here each block of the
+  head (VB x D, a few MB) is read once and used by both of its matmuls while it is in cache, and both have B*T rows.
+  The loss's value and gradient at shape S went from about 1.2 s to about 0.75 s, at Llama-3.2-1B's shape from about
+  4.0 s to 2.8 s (measured alone, jitted, median of 5).
+* **Position chunks** (evaluation, and training the whole head: `lora+full`). The sequence is walked in chunks of C
+  positions: per chunk the [B, C, V] logits, their log-sum-exp and the target's logit, so one [B, C, V] buffer is
+  live at a time; with gradients, from those same logits:
+
+      d logits = (softmax(logits) - onehot(target)) * weight
+      d x      = d logits . W            d delta = d logits[:, ids]^T . x          d W = d logits^T . x
+
+  The head's own gradient needs the whole softmax of every position before any of its rows is done, which the
+  vocabulary route does not have; so that route is taken only when the head is not differentiated (JAX's symbolic
+  zeros tell the custom VJP which inputs are). Evaluation can count from the chunk's logits how many targets are the
+  argmax (`hit_mask_BT`: the accuracy on the new tokens).
 
 Both functions return the sum of the token losses and the number of targets, not the mean, so callers add up
 micro-batches and evaluation batches exactly.
@@ -32,9 +48,12 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-# Auto chunking: at most this many bytes of float32 logits per chunk. Accelerators get larger chunks, since their
-# matmuls need many rows to run at speed and their memory is large; on CPU 32 MiB chunks already run at full speed.
+# Auto sizes: at most this many bytes of float32 logits per position chunk or vocabulary block. Accelerators get
+# larger ones, since their matmuls need many rows to run at speed and their memory is large. On CPU a vocabulary block
+# should stay in cache while both its matmuls read it (at shape S, 512- to 2,048-row blocks ran within 10% of each
+# other; the whole head, 131 MB, does not fit).
 LOGITS_CHUNK_BYTES = {"cpu": 32 * 2**20}
+VOCAB_BLOCK_BYTES = {"cpu": 4 * 2**20}
 ACCELERATOR_LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
@@ -87,33 +106,43 @@ def auto_chunk(batch: int, length: int, vocab: int, budget: Optional[int] = None
     return chunk
 
 
-def fused_next_token_loss(head: Head, x_BTD: jnp.ndarray, tokens_BT: jnp.ndarray, target_mask_BT: jnp.ndarray,
-                          chunk: int = 0, hit_mask_BT: Optional[jnp.ndarray] = None):
-    """What `next_token_loss(head.logits(x), tokens, mask)` returns, computed C positions at a time.
 
-    `chunk` is C; 0 chooses it with `auto_chunk`. The sequence is padded to a multiple of C with weightless positions.
+def auto_vocab_block(positions: int, vocab: int, budget: Optional[int] = None) -> int:
+    """The vocabulary block VB: the whole vocabulary if `positions` float32 logits per row fit `budget` (default: by
+    backend), else the largest power of two whose [positions, VB] logits do (at least 128)."""
+    if budget is None:
+        budget = VOCAB_BLOCK_BYTES.get(jax.default_backend(), ACCELERATOR_LOGITS_CHUNK_BYTES)
+    if positions * vocab * 4 <= budget:
+        return vocab
+    block = 128
+    while 2 * block < vocab and positions * 2 * block * 4 <= budget:
+        block *= 2
+    return block
+
+
+def fused_next_token_loss(head: Head, x_BTD: jnp.ndarray, tokens_BT: jnp.ndarray, target_mask_BT: jnp.ndarray,
+                          chunk: int = 0, hit_mask_BT: Optional[jnp.ndarray] = None, vocab_block: int = 0):
+    """What `next_token_loss(head.logits(x), tokens, mask)` returns, without [B, T, V] logits.
+
+    `chunk` is C, the positions per chunk of the position route; `vocab_block` is VB, the head rows per block of the
+    vocabulary route (module docstring); 0 chooses each with `auto_chunk` / `auto_vocab_block`.
     With `hit_mask_BT` (targets to score, like `target_mask_BT`), returns (sum, count, hits, scored): `hits` counts
     the scored targets that are their position's argmax. That path is for evaluation (it is not differentiated).
     """
     B, T, _ = x_BTD.shape
     V = head.weight.shape[0 if head.layout == "vd" else 1]
-    C = chunk if chunk > 0 else auto_chunk(B, T, V)
-    C = min(C, T)
+    C = min(chunk if chunk > 0 else auto_chunk(B, T, V), T)
+    VB = min(vocab_block if vocab_block > 0 else auto_vocab_block(B * T, V), V)
     # Position t predicts token t+1; the last position predicts nothing (weight 0).
     targets_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
     weights_BT = jnp.pad(target_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
-    pad = -T % C
-    if pad:
-        x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
     delta_MD = head.delta_MD if head.ids else jnp.zeros((0, x_BTD.shape[-1]), jnp.float32)
     if hit_mask_BT is None:
-        total = _chunked_loss(head.layout, head.ids, C, x_BTD, head.weight, delta_MD, targets_BT, weights_BT)
+        total = _fused_loss(head.layout, head.ids, C, VB, x_BTD, head.weight, delta_MD, targets_BT, weights_BT)
         return total, jnp.sum(weights_BT)
-    scored_BT = jnp.pad(hit_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1 + pad)))
-    total, _, hits = _forward(head.layout, head.ids, C, x_BTD, head.weight, delta_MD, targets_BT, weights_BT, False,
-                              scored_BT)
+    scored_BT = jnp.pad(hit_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    total, _, hits = _by_positions(head.layout, head.ids, C, x_BTD, head.weight, delta_MD, targets_BT, weights_BT,
+                                   False, scored_BT)
     return total, jnp.sum(weights_BT), hits, jnp.sum(scored_BT)
 
 
@@ -134,13 +163,19 @@ def _chunk_logits(layout, ids, x_BCD, weight, delta_MD):
     return logits_BCV
 
 
-def _forward(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads: bool, scored_BT=None):
-    """(summed loss, its gradients for a cotangent of 1 or None, hits or None), from the same logits: the gradients
-    with `with_grads`, and the number of targets marked in `scored_BT` that are their position's argmax."""
+def _by_positions(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads: bool,
+                  scored_BT=None):
+    """The position route: (summed loss, its gradients for a cotangent of 1 or None, hits or None), from the same
+    logits: the gradients with `with_grads`, and the number of targets marked in `scored_BT` that are their
+    position's argmax. The sequence is padded to a multiple of C with weightless positions."""
     dtype = x_BTD.dtype
     index = jnp.asarray(ids, jnp.int32)
+    B, T, D = x_BTD.shape
     if scored_BT is None:
         scored_BT = jnp.zeros_like(weights_BT)
+    pad = ((0, 0), (0, -T % C))
+    x_BTD = jnp.pad(x_BTD, pad + ((0, 0),))
+    targets_BT, weights_BT, scored_BT = (jnp.pad(a, pad) for a in (targets_BT, weights_BT, scored_BT))
 
     def body(carry, xs):
         total, hits, d_weight, d_delta_MD = carry
@@ -174,26 +209,98 @@ def _forward(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, wi
     (total, hits, d_weight, d_delta_MD), d_x_chunks = jax.lax.scan(body, init, xs)  # [T/C, B, C, D]
     if not with_grads:
         return total, None, hits
-    B, T, D = x_BTD.shape
-    d_x_BTD = jnp.moveaxis(d_x_chunks, 0, 1).reshape(B, T, D)
+    d_x_BTD = jnp.moveaxis(d_x_chunks, 0, 1).reshape(x_BTD.shape)[:, :T]
     return total, (d_x_BTD.astype(dtype), d_weight.astype(weight.dtype), d_delta_MD.astype(delta_MD.dtype)), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunked_loss(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT):
-    return _forward(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads=False)[0]
+def _by_vocabulary(layout, ids, VB, x_BTD, weight, delta_MD, targets_BT, weights_BT):
+    """The vocabulary route, for a head that is not differentiated: (summed loss, (d x, d delta)) for a cotangent of
+    1. Blocks of VB head rows are read with a dynamic slice (no copy of the head), the last partial block after."""
+    dtype = x_BTD.dtype
+    axis = 0 if layout == "vd" else 1
+    V = weight.shape[axis]
+
+    def update(carry, logits_BTV, rows, masked_V=None):
+        """Folds one block's logits and its head rows (laid out as the head is) into the running max, sum and rows;
+        columns in `masked_V` count as -inf.
+
+        The running max is only the shift that keeps exp in range, and any shift at least the max gives the same
+        result, so it includes the masked columns (the frozen rows of the trained tokens): masking before the max
+        would make XLA write a masked copy of the block, 4 MB at the default block size.
+        """
+        max_BT, sum_BT, rows_BTD = carry
+        new_max_BT = jnp.maximum(max_BT, jnp.max(logits_BTV, axis=-1))
+        scale_BT = jnp.exp(max_BT - new_max_BT)
+        if masked_V is not None:
+            logits_BTV = jnp.where(masked_V, -jnp.inf, logits_BTV)
+        p_BTV = jnp.exp(logits_BTV - new_max_BT[..., None])
+        rows_BTD = rows_BTD * scale_BT[..., None] + jnp.einsum(f"btv,{layout}->btd", p_BTV.astype(dtype), rows,
+                                                               preferred_element_type=jnp.float32)
+        return new_max_BT, sum_BT * scale_BT + jnp.sum(p_BTV, axis=-1), rows_BTD
+
+    B, T, D = x_BTD.shape
+    carry = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
+             jnp.zeros((B, T, D), jnp.float32))
+    if ids:  # the trained rows are a block of their own, taken first (so the running max is finite before any block
+        # with masked columns); their columns of the frozen head are masked out
+        index = jnp.asarray(ids, jnp.int32)
+        frozen_MD = jnp.take(weight, index, axis=0) if layout == "vd" else jnp.take(weight, index, axis=1).T
+        trained_MD = (frozen_MD + delta_MD.astype(weight.dtype)).astype(dtype)
+        rows_logits_BTM = jnp.einsum("btd,md->btm", x_BTD, trained_MD, preferred_element_type=jnp.float32)
+        carry = update(carry, rows_logits_BTM, trained_MD if layout == "vd" else trained_MD.T)
+
+    def block(carry, start, size):
+        rows = jax.lax.dynamic_slice_in_dim(weight, start, size, axis).astype(dtype)
+        logits_BTV = jnp.einsum(f"btd,{layout}->btv", x_BTD, rows, preferred_element_type=jnp.float32)
+        # (a [V] mask would be the one vocabulary-sized buffer; M compares per column are cheap)
+        masked_V = jnp.any((start + jnp.arange(size))[:, None] == index, axis=-1) if ids else None
+        return update(carry, logits_BTV, rows, masked_V)
+
+    carry = jax.lax.fori_loop(0, V // VB, lambda i, carry: block(carry, i * VB, VB), carry)
+    if V % VB:
+        carry = block(carry, V - V % VB, V % VB)
+    max_BT, sum_BT, rows_BTD = carry
+    log_z_BT = max_BT + jnp.log(sum_BT)
+
+    # the target's head row (its trained row for a token row) and logit
+    target_BTD = jnp.take(weight, targets_BT, axis=axis)
+    if layout == "dv":
+        target_BTD = jnp.moveaxis(target_BTD, 0, -1)
+    target_BTD = target_BTD.astype(jnp.float32)
+    if ids:
+        is_row_BTM = (targets_BT[..., None] == index).astype(jnp.float32)
+        target_BTD = target_BTD + jnp.einsum("btm,md->btd", is_row_BTM, delta_MD.astype(jnp.float32))
+    picked_BT = jnp.sum(x_BTD.astype(jnp.float32) * target_BTD, axis=-1)
+    total = jnp.sum((log_z_BT - picked_BT) * weights_BT)
+    d_x_BTD = (rows_BTD / sum_BT[..., None] - target_BTD) * weights_BT[..., None]
+    if not ids:
+        return total, (d_x_BTD.astype(dtype), jnp.zeros_like(delta_MD))
+    d_rows_BTM = (jnp.exp(rows_logits_BTM - log_z_BT[..., None]) - is_row_BTM) * weights_BT[..., None]
+    d_delta_MD = jnp.einsum("btm,btd->md", d_rows_BTM.astype(dtype), x_BTD, preferred_element_type=jnp.float32)
+    return total, (d_x_BTD.astype(dtype), d_delta_MD.astype(delta_MD.dtype))
 
 
-def _chunked_loss_fwd(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT):
-    total, grads, _ = _forward(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads=True)
-    return total, grads
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused_loss(layout, ids, C, VB, x_BTD, weight, delta_MD, targets_BT, weights_BT):
+    return _by_positions(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads=False)[0]
 
 
-def _chunked_loss_bwd(layout, ids, C, grads, g):
+def _fused_loss_fwd(layout, ids, C, VB, x_BTD, weight, delta_MD, targets_BT, weights_BT):
+    # symbolic zeros: each array argument comes as (value, perturbed); a head that is not perturbed (frozen) takes
+    # the vocabulary route
+    args = [a.value for a in (x_BTD, weight, delta_MD, targets_BT, weights_BT)]
+    if weight.perturbed:
+        total, grads, _ = _by_positions(layout, ids, C, *args, with_grads=True)
+        return total, grads
+    total, (d_x_BTD, d_delta_MD) = _by_vocabulary(layout, ids, VB, *args)
+    return total, (d_x_BTD, None, d_delta_MD)
+
+
+def _fused_loss_bwd(layout, ids, C, VB, grads, g):
     # The loss is a scalar, so its gradients are those computed in the forward pass times the cotangent.
-    d_x_BTD, d_weight, d_delta_MD = grads
-    return ((g * d_x_BTD).astype(d_x_BTD.dtype), (g * d_weight).astype(d_weight.dtype),
-            (g * d_delta_MD).astype(d_delta_MD.dtype), None, None)
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return (None,) * 5
+    return tuple(None if d is None else (g * d).astype(d.dtype) for d in grads) + (None, None)
 
 
-_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd, symbolic_zeros=True)

@@ -204,7 +204,8 @@ class Llama(nn.Module):
     token_rows: tokens_lib.TokenRows = tokens_lib.TokenRows()
     remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: Optional[str] = None  # None lets JAX choose; "xla" or "cudnn" to force one
-    loss_chunk: int = 0  # positions per chunk of the fused loss; 0 chooses from the batch and vocabulary size
+    loss_chunk: int = 0  # positions per chunk of the fused loss (evaluation, a trained head); 0 chooses
+    loss_vocab_block: int = 0  # head rows per block of the fused loss (training a frozen head); 0 chooses
 
     @nn.compact
     def __call__(
@@ -274,7 +275,8 @@ class Llama(nn.Module):
         x_BTD = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x_BTD)
         head = self._head(embedding_VD, embed_table_MD)
         if loss_mask_BT is not None:
-            out = fused_next_token_loss(head, x_BTD, tokens_BT, loss_mask_BT, self.loss_chunk, hit_mask_BT)
+            out = fused_next_token_loss(head, x_BTD, tokens_BT, loss_mask_BT, self.loss_chunk, hit_mask_BT,
+                                        self.loss_vocab_block)
         else:
             out = head.logits(x_BTD[:, -1:] if last_only else x_BTD)
 

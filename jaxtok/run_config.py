@@ -32,7 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = ml_collections.FieldReference(None, field_type=str)  # activations; None: as model.dtype
     c.model.allow_pickle = False  # read pytorch_model.bin (pickle can run code); safetensors need no opt-in
     c.model.remat = "none"  # gradient checkpointing per layer: none, full (keep only layer inputs), dots (keep matmuls)
-    c.model.loss_chunk = 0  # positions per chunk of the fused head + loss; 0 chooses from batch and vocabulary size
+    c.model.loss_chunk = 0  # positions per chunk of the fused head + loss (evaluation, lora+full); 0 chooses
+    c.model.loss_vocab_block = 0  # head rows per block of the fused head + loss (lora, lora+rows, rows); 0 chooses
     c.model.attention = ""  # attention kernel: "" (JAX chooses), "xla" or "cudnn"
     c.model.adapter = ""  # a PEFT adapter (directory or Hub id) to continue training; it sets lora.* and tokens
 
@@ -141,6 +142,7 @@ class ModelSection:
     allow_pickle: bool
     remat: str
     loss_chunk: int
+    loss_vocab_block: int
     attention: str
     adapter: str
 
@@ -270,8 +272,9 @@ def _check(c: ml_collections.ConfigDict) -> None:
             raise JaxtokError(f"model.{key} must be one of {', '.join(WEIGHT_DTYPES)} (got {value!r})")
     if c.model.remat not in REMAT_POLICIES:
         raise JaxtokError(f"model.remat must be one of {', '.join(REMAT_POLICIES)} (got {c.model.remat!r})")
-    if not isinstance(c.model.loss_chunk, int) or c.model.loss_chunk < 0:
-        raise JaxtokError(f"model.loss_chunk must be an integer >= 0 (got {c.model.loss_chunk!r}; 0 chooses)")
+    for key in ("loss_chunk", "loss_vocab_block"):
+        if not isinstance(c.model[key], int) or c.model[key] < 0:
+            raise JaxtokError(f"model.{key} must be an integer >= 0 (got {c.model[key]!r}; 0 chooses)")
     if t.method not in METHODS:
         raise JaxtokError(f"train.method must be one of {', '.join(METHODS)} (got {t.method!r})")
     s = c.sample

@@ -77,7 +77,8 @@ def load_base(config: RunConfig, mesh: Mesh) -> Base:
     model_path = resolve_model_path(m.path)  # the demo base is built on first use
     base, params = load_pretrained(
         model_path, dtype=m.dtype, compute_dtype=m.compute_dtype, allow_pickle=m.allow_pickle, remat=m.remat,
-        attention_impl=m.attention or None, loss_chunk=m.loss_chunk, mesh=mesh,
+        attention_impl=m.attention or None, loss_chunk=m.loss_chunk,
+        loss_vocab_block=m.loss_vocab_block, mesh=mesh,
     )
     tokenizer = load_tokenizer(model_path)
     if config.data.chat_template:  # exported tokenizers carry the template the model was trained with

@@ -241,7 +241,8 @@ def jaxtok_worker(spec: dict) -> dict:
     dtype = jnp.dtype(spec["dtype"])
     model = Llama(config, dtype=dtype, param_dtype=dtype, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets="all-linear"),
                   token_rows=TokenRows(TOKEN_IDS if variant == "lora+rows" else ()), remat=spec["remat"],
-                  attention_impl=spec["attention"] or None, loss_chunk=spec["loss_chunk"])
+                  attention_impl=spec["attention"] or None, loss_chunk=spec["loss_chunk"],
+                  loss_vocab_block=spec["loss_vocab_block"])
 
     def draw(path, leaf):  # norm scales one, other weights normal(0, 0.02): a seeded block repeated over the leaf
         if getattr(path[-1], "key", None) == "scale":
@@ -473,7 +474,8 @@ def markdown(report: dict) -> str:
         f"- date: {report['date']}",
         f"- settings: {s['repeats']} repeats x ({s['warmup']} warmup + {s['steps']} timed steps); "
         f"LoRA r={RANK} alpha={ALPHA:g} all-linear; rows: ids {TOKEN_IDS[0]}..{TOKEN_IDS[-1]}; jaxtok: "
-        f"attention {s['attention'] or 'default'}, loss chunk {s['loss_chunk'] or 'auto'}",
+        f"attention {s['attention'] or 'default'}, loss chunk {s['loss_chunk'] or 'auto'}, "
+        f"loss vocabulary block {s['loss_vocab_block'] or 'auto'}",
     ]
     for dtype, matmul in report["matmul"].items():
         lines.append(f"- matmul peak, {dtype}: {fmt(matmul['gflops'], ',.1f')} GFLOP/s "
@@ -520,7 +522,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--remat", default="none", help="none, full, dots, or several (comma-separated); PEFT runs "
                         "full as gradient checkpointing and skips dots")
     parser.add_argument("--attention", default="", help='jaxtok only: "" (JAX chooses), xla or cudnn')
-    parser.add_argument("--loss-chunk", type=int, default=0, help="jaxtok only: positions per loss chunk; 0 = auto")
+    parser.add_argument("--loss-chunk", type=int, default=0, help="jaxtok only: positions per loss chunk (lora+full); "
+                        "0 = auto")
+    parser.add_argument("--loss-vocab-block", type=int, default=0, help="jaxtok only: head rows per loss block (lora, "
+                        "lora+rows); 0 = auto")
     parser.add_argument("--out", default="runs/benchmark", help="writes OUT/results.json and OUT/results.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -540,8 +545,8 @@ def main() -> None:
     for name in ("repeats", "steps"):
         if getattr(args, name) < 1:
             raise JaxtokError(f"--{name} must be at least 1")
-    if args.warmup < 0 or args.loss_chunk < 0:
-        raise JaxtokError("--warmup and --loss-chunk must be >= 0")
+    if min(args.warmup, args.loss_chunk, args.loss_vocab_block) < 0:
+        raise JaxtokError("--warmup, --loss-chunk and --loss-vocab-block must be >= 0")
     if "peft" in frameworks:
         missing = [p for p in ("torch", "transformers", "peft") if importlib.util.find_spec(p) is None]
         if missing:
@@ -549,7 +554,8 @@ def main() -> None:
                               f"--frameworks jaxtok")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(attention=args.attention, loss_chunk=args.loss_chunk, warmup=args.warmup, steps=args.steps,
+    common = dict(attention=args.attention, loss_chunk=args.loss_chunk, loss_vocab_block=args.loss_vocab_block,
+                  warmup=args.warmup, steps=args.steps,
                   cache_dir=str((out / "xla_cache").resolve()))
 
     notes, machine = [], None
@@ -604,7 +610,8 @@ def main() -> None:
         versions=versions(),
         settings=dict(shapes={s: dataclasses.asdict(SHAPES[s]) for s in shapes}, frameworks=frameworks,
                       variants=variants, dtypes=dtypes, remats=remats, attention=args.attention,
-                      loss_chunk=args.loss_chunk, repeats=args.repeats, warmup=args.warmup, steps=args.steps,
+                      loss_chunk=args.loss_chunk, loss_vocab_block=args.loss_vocab_block, repeats=args.repeats,
+                      warmup=args.warmup, steps=args.steps,
                       lora=dict(rank=RANK, alpha=ALPHA, targets="all-linear"), token_ids=list(TOKEN_IDS), lr=LR),
         matmul={dtype: dict(gflops=matmul_gflops[dtype], size=found[0]["size"], runs=[m["gflops"] for m in found])
                 for dtype, found in matmuls.items()},

@@ -10,7 +10,7 @@ import pytest
 
 from jaxtok.llama_config import LlamaConfig
 from jaxtok.lora import LoraConfig
-from jaxtok.loss import Head, auto_chunk, fused_next_token_loss, next_token_loss
+from jaxtok.loss import Head, auto_chunk, auto_vocab_block, fused_next_token_loss, next_token_loss
 from jaxtok.model import Llama
 from jaxtok.tokens import TokenRows
 from jaxtok.trainable import adapters_of
@@ -64,6 +64,44 @@ def test_fused_loss_and_gradients_equal_the_full_logits(layout, with_rows, chunk
 
 
 @pytest.mark.parametrize("layout", ["vd", "dv"], ids=["tied", "untied"])
+@pytest.mark.parametrize("with_rows", [False, True], ids=["no-rows", "rows"])
+@pytest.mark.parametrize("vocab_block", [1, 7, V, 0])
+def test_frozen_head_takes_the_vocabulary_route_with_the_same_loss_and_gradients(layout, with_rows, vocab_block):
+    """A head that is not differentiated (LoRA, token rows) is walked in blocks of vocabulary rows; 7 leaves a
+    partial last block, and with rows some blocks hold masked columns."""
+    x, tokens, mask, rng = inputs()
+    head = heads(rng, layout, with_rows)
+
+    def loss(fn, x, delta):
+        total, count = fn(head._replace(delta_MD=delta), x)
+        return total / count
+
+    fused = lambda h, x: fused_next_token_loss(h, x, tokens, mask, vocab_block=vocab_block)  # noqa: E731
+    full = lambda h, x: reference(h, x, tokens, mask)  # noqa: E731
+    argnums = (1, 2) if with_rows else 1
+    got, got_grads = jax.jit(jax.value_and_grad(loss, argnums), static_argnums=0)(fused, x, head.delta_MD)
+    want, want_grads = jax.value_and_grad(loss, argnums)(full, x, head.delta_MD)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_the_route_is_chosen_by_whether_the_head_is_differentiated():
+    x, tokens, mask, rng = inputs()
+    head = heads(rng, "vd", with_rows=True)
+
+    def program(argnums):
+        def loss(x, weight, delta):
+            h = head._replace(weight=weight, delta_MD=delta)
+            return fused_next_token_loss(h, x, tokens, mask, chunk=4, vocab_block=7)[0]
+        return jax.jit(jax.grad(loss, argnums)).lower(x, head.weight, head.delta_MD).as_text()
+
+    for frozen in (program((0, 2)), program(2)):  # blocks of 7 vocabulary rows, never [B, C, V] logits
+        assert f"tensor<{B}x{T}x7xf32>" in frozen and f"tensor<{B}x4x{V}xf32>" not in frozen
+    trained = program((0, 1, 2))
+    assert f"tensor<{B}x4x{V}xf32>" in trained and f"tensor<{B}x{T}x7xf32>" not in trained
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"], ids=["tied", "untied"])
 @pytest.mark.parametrize("chunk", [1, 5, 0])
 def test_fused_hits_count_the_argmax_targets_of_the_full_logits(layout, chunk):
     x, tokens, mask, rng = inputs()
@@ -94,6 +132,14 @@ def test_auto_chunk_keeps_the_logits_under_the_budget():
     assert 4 * chunk * 128_256 * 4 <= 64 * 2**20 < 4 * 2 * chunk * 128_256 * 4
     assert auto_chunk(64, 8, 10**9) == 1
     assert auto_chunk(2, 512, 128_256) == 32  # the CPU budget, 32 MiB
+
+
+def test_auto_vocab_block_keeps_a_block_of_logits_under_the_budget():
+    assert auto_vocab_block(1024, 1000) == 1000  # small logits: the whole vocabulary
+    assert auto_vocab_block(1024, 128_256) == 1024  # the CPU budget, 4 MiB
+    assert auto_vocab_block(10**6, 128_256) == 128  # the floor
+    block = auto_vocab_block(3000, 128_256, budget=64 * 2**20)
+    assert 3000 * block * 4 <= 64 * 2**20 < 3000 * 2 * block * 4
 
 
 @pytest.mark.slow  # gradients through the whole model, both ways

@@ -70,8 +70,9 @@ def test_token_rows_cost_about_what_lora_alone_costs(tied):
 def test_extra_memory_grows_with_k_not_with_vocabulary():
     shapes = ((32_000, 4), (LLAMA3_VOCAB, 4), (LLAMA3_VOCAB, 64))
     extra = {(v, k): peak(v, k, True) - peak(v, 0, True) for v, k in shapes}
-    # the same k costs the same whatever the vocabulary
-    assert extra[(32_000, 4)] == extra[(LLAMA3_VOCAB, 4)]
+    # the same k costs about the same whatever the vocabulary: the loss masks the rows' columns block by block, and
+    # the blocks' sizes depend on the vocabulary, so a few [block] masks differ (tens of kB, against 33 MB per matrix)
+    assert abs(extra[(32_000, 4)] - extra[(LLAMA3_VOCAB, 4)]) < LLAMA3_VOCAB * D * 4 // 100
     # and more rows cost more, by far less than one vocab x D matrix
     assert 0 < extra[(LLAMA3_VOCAB, 4)] < extra[(LLAMA3_VOCAB, 64)] < LLAMA3_VOCAB * D * 4 // 10
 
