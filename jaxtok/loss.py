@@ -10,8 +10,8 @@ pass only scales them). Recomputing the logits in the backward instead would cos
 which is most of the step where the vocabulary dominates. It takes one of two routes:
 
 * **Vocabulary blocks** (training with a frozen head: `lora`, `lora+rows`, `rows`). One pass over the head in blocks
-  of VB rows, for all B*T positions at once, with an online log-sum-exp (as flash attention does over keys): per
-  block, the [B, T, VB] logits, then the running max, the running sum of exponentials and the running sum of
+  of U rows, for all B*T positions at once, with an online log-sum-exp (as flash attention does over keys): per
+  block, the [B, T, U] logits, then the running max, the running sum of exponentials and the running sum of
   exponential-weighted head rows are rescaled and updated. At the end
 
       log Z = max + log(sum)        d x = weight * (rows sum / sum - row of the target)
@@ -21,7 +21,7 @@ which is most of the step where the vocabulary dominates. It takes one of two ro
   Why: profiled at shape S of `scripts/benchmark.py` (vocabulary 128,256, hidden 256, 1,024 positions, 2-core CPU),
   the route below spent about 1 s of a 1.3 s step in its two head matmuls, at about 130 GFLOP/s against the ~190 the
   machine reaches: each chunk of 64 positions re-reads and re-packs the whole 131 MB head. Here each block of the
-  head (VB x D, a few MB) is read once and used by both of its matmuls while it is in cache, and both have B*T rows.
+  head (U x D, a few MB) is read once and used by both of its matmuls while it is in cache, and both have B*T rows.
   The loss's value and gradient at shape S went from about 1.2 s to about 0.75 s, at Llama-3.2-1B's shape from about
   4.0 s to 2.8 s (measured alone, jitted, median of 5).
 * **Position chunks** (evaluation, and training the whole head: `lora+full`). The sequence is walked in chunks of C
@@ -108,8 +108,8 @@ def auto_chunk(batch: int, length: int, vocab: int, budget: Optional[int] = None
 
 
 def auto_vocab_block(positions: int, vocab: int, budget: Optional[int] = None) -> int:
-    """The vocabulary block VB: the whole vocabulary if `positions` float32 logits per row fit `budget` (default: by
-    backend), else the largest power of two whose [positions, VB] logits do (at least 128)."""
+    """The vocabulary block U: the whole vocabulary if `positions` float32 logits per row fit `budget` (default: by
+    backend), else the largest power of two whose [positions, U] logits do (at least 128)."""
     if budget is None:
         budget = VOCAB_BLOCK_BYTES.get(jax.default_backend(), ACCELERATOR_LOGITS_CHUNK_BYTES)
     if positions * vocab * 4 <= budget:
@@ -124,7 +124,7 @@ def fused_next_token_loss(head: Head, x_BTD: jnp.ndarray, tokens_BT: jnp.ndarray
                           chunk: int = 0, hit_mask_BT: Optional[jnp.ndarray] = None, vocab_block: int = 0):
     """What `next_token_loss(head.logits(x), tokens, mask)` returns, without [B, T, V] logits.
 
-    `chunk` is C, the positions per chunk of the position route; `vocab_block` is VB, the head rows per block of the
+    `chunk` is C, the positions per chunk of the position route; `vocab_block` is U, the head rows per block of the
     vocabulary route (module docstring); 0 chooses each with `auto_chunk` / `auto_vocab_block`.
     With `hit_mask_BT` (targets to score, like `target_mask_BT`), returns (sum, count, hits, scored): `hits` counts
     the scored targets that are their position's argmax. That path is for evaluation (it is not differentiated).
@@ -132,13 +132,13 @@ def fused_next_token_loss(head: Head, x_BTD: jnp.ndarray, tokens_BT: jnp.ndarray
     B, T, _ = x_BTD.shape
     V = head.weight.shape[0 if head.layout == "vd" else 1]
     C = min(chunk if chunk > 0 else auto_chunk(B, T, V), T)
-    VB = min(vocab_block if vocab_block > 0 else auto_vocab_block(B * T, V), V)
+    U = min(vocab_block if vocab_block > 0 else auto_vocab_block(B * T, V), V)
     # Position t predicts token t+1; the last position predicts nothing (weight 0).
     targets_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
     weights_BT = jnp.pad(target_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
     delta_MD = head.delta_MD if head.ids else jnp.zeros((0, x_BTD.shape[-1]), jnp.float32)
     if hit_mask_BT is None:
-        total = _fused_loss(head.layout, head.ids, C, VB, x_BTD, head.weight, delta_MD, targets_BT, weights_BT)
+        total = _fused_loss(head.layout, head.ids, C, U, x_BTD, head.weight, delta_MD, targets_BT, weights_BT)
         return total, jnp.sum(weights_BT)
     scored_BT = jnp.pad(hit_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
     total, _, hits = _by_positions(head.layout, head.ids, C, x_BTD, head.weight, delta_MD, targets_BT, weights_BT,
@@ -213,30 +213,31 @@ def _by_positions(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_B
     return total, (d_x_BTD.astype(dtype), d_weight.astype(weight.dtype), d_delta_MD.astype(delta_MD.dtype)), None
 
 
-def _by_vocabulary(layout, ids, VB, x_BTD, weight, delta_MD, targets_BT, weights_BT):
+def _by_vocabulary(layout, ids, U, x_BTD, weight, delta_MD, targets_BT, weights_BT):
     """The vocabulary route, for a head that is not differentiated: (summed loss, (d x, d delta)) for a cotangent of
-    1. Blocks of VB head rows are read with a dynamic slice (no copy of the head), the last partial block after."""
+    1. Blocks of U head rows are read with a dynamic slice (no copy of the head), the last partial block after."""
     dtype = x_BTD.dtype
     axis = 0 if layout == "vd" else 1
     V = weight.shape[axis]
+    block_layout = layout.replace("v", "u")  # a block of the head: [U, D] or [D, U]
 
-    def update(carry, logits_BTV, rows, masked_V=None):
+    def update(carry, logits_BTU, rows, masked_U=None):
         """Folds one block's logits and its head rows (laid out as the head is) into the running max, sum and rows;
-        columns in `masked_V` count as -inf.
+        columns in `masked_U` count as -inf.
 
         The running max is only the shift that keeps exp in range, and any shift at least the max gives the same
         result, so it includes the masked columns (the frozen rows of the trained tokens): masking before the max
         would make XLA write a masked copy of the block, 4 MB at the default block size.
         """
         max_BT, sum_BT, rows_BTD = carry
-        new_max_BT = jnp.maximum(max_BT, jnp.max(logits_BTV, axis=-1))
+        new_max_BT = jnp.maximum(max_BT, jnp.max(logits_BTU, axis=-1))
         scale_BT = jnp.exp(max_BT - new_max_BT)
-        if masked_V is not None:
-            logits_BTV = jnp.where(masked_V, -jnp.inf, logits_BTV)
-        p_BTV = jnp.exp(logits_BTV - new_max_BT[..., None])
-        rows_BTD = rows_BTD * scale_BT[..., None] + jnp.einsum(f"btv,{layout}->btd", p_BTV.astype(dtype), rows,
+        if masked_U is not None:
+            logits_BTU = jnp.where(masked_U, -jnp.inf, logits_BTU)
+        p_BTU = jnp.exp(logits_BTU - new_max_BT[..., None])
+        rows_BTD = rows_BTD * scale_BT[..., None] + jnp.einsum(f"btu,{block_layout}->btd", p_BTU.astype(dtype), rows,
                                                                preferred_element_type=jnp.float32)
-        return new_max_BT, sum_BT * scale_BT + jnp.sum(p_BTV, axis=-1), rows_BTD
+        return new_max_BT, sum_BT * scale_BT + jnp.sum(p_BTU, axis=-1), rows_BTD
 
     B, T, D = x_BTD.shape
     carry = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
@@ -251,14 +252,14 @@ def _by_vocabulary(layout, ids, VB, x_BTD, weight, delta_MD, targets_BT, weights
 
     def block(carry, start, size):
         rows = jax.lax.dynamic_slice_in_dim(weight, start, size, axis).astype(dtype)
-        logits_BTV = jnp.einsum(f"btd,{layout}->btv", x_BTD, rows, preferred_element_type=jnp.float32)
+        logits_BTU = jnp.einsum(f"btd,{block_layout}->btu", x_BTD, rows, preferred_element_type=jnp.float32)
         # (a [V] mask would be the one vocabulary-sized buffer; M compares per column are cheap)
-        masked_V = jnp.any((start + jnp.arange(size))[:, None] == index, axis=-1) if ids else None
-        return update(carry, logits_BTV, rows, masked_V)
+        masked_U = jnp.any((start + jnp.arange(size))[:, None] == index, axis=-1) if ids else None
+        return update(carry, logits_BTU, rows, masked_U)
 
-    carry = jax.lax.fori_loop(0, V // VB, lambda i, carry: block(carry, i * VB, VB), carry)
-    if V % VB:
-        carry = block(carry, V - V % VB, V % VB)
+    carry = jax.lax.fori_loop(0, V // U, lambda i, carry: block(carry, i * U, U), carry)
+    if V % U:
+        carry = block(carry, V - V % U, V % U)
     max_BT, sum_BT, rows_BTD = carry
     log_z_BT = max_BT + jnp.log(sum_BT)
 
@@ -281,22 +282,22 @@ def _by_vocabulary(layout, ids, VB, x_BTD, weight, delta_MD, targets_BT, weights
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _fused_loss(layout, ids, C, VB, x_BTD, weight, delta_MD, targets_BT, weights_BT):
+def _fused_loss(layout, ids, C, U, x_BTD, weight, delta_MD, targets_BT, weights_BT):
     return _by_positions(layout, ids, C, x_BTD, weight, delta_MD, targets_BT, weights_BT, with_grads=False)[0]
 
 
-def _fused_loss_fwd(layout, ids, C, VB, x_BTD, weight, delta_MD, targets_BT, weights_BT):
+def _fused_loss_fwd(layout, ids, C, U, x_BTD, weight, delta_MD, targets_BT, weights_BT):
     # symbolic zeros: each array argument comes as (value, perturbed); a head that is not perturbed (frozen) takes
     # the vocabulary route
     args = [a.value for a in (x_BTD, weight, delta_MD, targets_BT, weights_BT)]
     if weight.perturbed:
         total, grads, _ = _by_positions(layout, ids, C, *args, with_grads=True)
         return total, grads
-    total, (d_x_BTD, d_delta_MD) = _by_vocabulary(layout, ids, VB, *args)
+    total, (d_x_BTD, d_delta_MD) = _by_vocabulary(layout, ids, U, *args)
     return total, (d_x_BTD, None, d_delta_MD)
 
 
-def _fused_loss_bwd(layout, ids, C, VB, grads, g):
+def _fused_loss_bwd(layout, ids, C, U, grads, g):
     # The loss is a scalar, so its gradients are those computed in the forward pass times the cotangent.
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return (None,) * 5

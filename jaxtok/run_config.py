@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # gradient checkpointing per layer: none, full (keep only layer inputs), dots (keep matmuls)
     c.model.loss_chunk = 0  # positions per chunk of the fused head + loss (evaluation, lora+full); 0 chooses
     c.model.loss_vocab_block = 0  # head rows per block of the fused head + loss (lora, lora+rows, rows); 0 chooses
-    c.model.attention = ""  # attention kernel: "" (JAX chooses), "xla" or "cudnn"
+    c.model.attention = ""  # attention: "" (jaxtok's causal blocks; JAX's with a cache), "xla" or "cudnn" (JAX's)
     c.model.adapter = ""  # a PEFT adapter (directory or Hub id) to continue training; it sets lora.* and tokens
 
     c.data = ml_collections.ConfigDict()

@@ -5,13 +5,14 @@ in lower case ("btd,dnh->btnh": its h is H), and shapes in brackets in docstring
 
     A   micro-batches of one step (gradient accumulation)
     B   batch: sequences of a micro-batch, of an evaluation batch, or prompts being generated from
-    C   positions of one chunk of the fused loss (`jaxtok.loss`)
+    C   positions of one chunk: of the fused loss (`jaxtok.loss`), or of attention's queries (`jaxtok.model`)
     D   hidden size
     E   sequences of a data set: the rows of its [E, T] arrays, which one epoch covers (`jaxtok.data`)
     F   MLP intermediate size
     G   tokens generated after the first, one scan step each (`jaxtok.generate`)
     H   head dim
     I   a projection's input features, flattened (`jaxtok.lora`; N*H for o_proj)
+    J   query heads per key/value head, N/K (grouped-query attention)
     K   key/value heads
     L   layers
     M   trainable token rows of one table (`jaxtok.tokens`)
@@ -21,6 +22,7 @@ in lower case ("btd,dnh->btnh": its h is H), and shapes in brackets in docstring
     R   LoRA rank
     S   key length: slots of the sequence, or of the KV cache
     T   query length: positions of the sequence
+    U   vocabulary rows of one block of the fused loss (`jaxtok.loss`)
     V   vocabulary
     1   an axis of size one (`logits_B1V`)
 

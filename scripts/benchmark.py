@@ -521,7 +521,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "and compute")
     parser.add_argument("--remat", default="none", help="none, full, dots, or several (comma-separated); PEFT runs "
                         "full as gradient checkpointing and skips dots")
-    parser.add_argument("--attention", default="", help='jaxtok only: "" (JAX chooses), xla or cudnn')
+    parser.add_argument("--attention", default="", help='jaxtok only: "" (jaxtok\'s causal query blocks), or '
+                        "JAX's xla or cudnn")
     parser.add_argument("--loss-chunk", type=int, default=0, help="jaxtok only: positions per loss chunk (lora+full); "
                         "0 = auto")
     parser.add_argument("--loss-vocab-block", type=int, default=0, help="jaxtok only: head rows per loss block (lora, "
