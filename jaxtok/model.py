@@ -148,9 +148,8 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, block: int = ATTENTION_BL
     smaller. Measured at shape M of `scripts/benchmark.py` (2-core CPU, one layer's forward and backward under a
     scan): JAX's attention 119 ms, this with one block 116 ms, with 128-position blocks 69 ms; most of attention's
     time on CPU goes to reading and writing its [B, N, T, S] scores, not to its matmuls. Heads are laid out
-    [B, K, J, T, H] so both matmuls batch over (B, K) with no transposed copies of the
-    scores. A query that sees no key (padding) gets the mean of the values it reads, as in JAX's: its output is
-    never used.
+    [B, K, J, T, H] so both matmuls batch over (B, K) with no transposed copies of the scores. A query that sees no
+    key (padding) gets the mean of the values its block reads (JAX's: of all values); no output reads it.
     """
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
@@ -240,7 +239,7 @@ class Llama(nn.Module):
     lora: Optional[LoraConfig] = None
     token_rows: tokens_lib.TokenRows = tokens_lib.TokenRows()
     remat: str = "none"  # a key of REMAT_POLICIES
-    attention_impl: Optional[str] = None  # None lets JAX choose; "xla" or "cudnn" to force one
+    attention_impl: Optional[str] = None  # None: `causal_attention` (JAX's with a cache); "xla"/"cudnn": JAX's
     loss_chunk: int = 0  # positions per chunk of the fused loss (evaluation, a trained head); 0 chooses
     loss_vocab_block: int = 0  # head rows per block of the fused loss (training a frozen head); 0 chooses
 
