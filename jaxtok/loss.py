@@ -80,6 +80,13 @@ class Head(NamedTuple):
         return logits_BTV.at[..., jnp.asarray(self.ids)].add(rows_BTM)
 
 
+def head_rows(weight: jnp.ndarray, layout: str, index: jnp.ndarray) -> jnp.ndarray:
+    """The head's rows for the token ids `index` (any shape), [..., D], whichever the head's layout."""
+    if layout == "vd":
+        return jnp.take(weight, index, axis=0)
+    return jnp.moveaxis(jnp.take(weight, index, axis=1), 0, -1)
+
+
 def next_token_loss(logits_BTV: jnp.ndarray, tokens_BT: jnp.ndarray, target_mask_BT: jnp.ndarray):
     """Sum and count of the cross-entropy of predicting `tokens[:, t]` from position t-1, over t with a true mask.
 
@@ -245,8 +252,7 @@ def _by_vocabulary(layout, ids, U, x_BTD, weight, delta_MD, targets_BT, weights_
     if ids:  # the trained rows are a block of their own, taken first (so the running max is finite before any block
         # with masked columns); their columns of the frozen head are masked out
         index = jnp.asarray(ids, jnp.int32)
-        frozen_MD = jnp.take(weight, index, axis=0) if layout == "vd" else jnp.take(weight, index, axis=1).T
-        trained_MD = (frozen_MD + delta_MD.astype(weight.dtype)).astype(dtype)
+        trained_MD = (head_rows(weight, layout, index) + delta_MD.astype(weight.dtype)).astype(dtype)
         rows_logits_BTM = jnp.einsum("btd,md->btm", x_BTD, trained_MD, preferred_element_type=jnp.float32)
         carry = update(carry, rows_logits_BTM, trained_MD if layout == "vd" else trained_MD.T)
 
@@ -264,10 +270,7 @@ def _by_vocabulary(layout, ids, U, x_BTD, weight, delta_MD, targets_BT, weights_
     log_z_BT = max_BT + jnp.log(sum_BT)
 
     # the target's head row (its trained row for a token row) and logit
-    target_BTD = jnp.take(weight, targets_BT, axis=axis)
-    if layout == "dv":
-        target_BTD = jnp.moveaxis(target_BTD, 0, -1)
-    target_BTD = target_BTD.astype(jnp.float32)
+    target_BTD = head_rows(weight, layout, targets_BT).astype(jnp.float32)
     if ids:
         is_row_BTM = (targets_BT[..., None] == index).astype(jnp.float32)
         target_BTD = target_BTD + jnp.einsum("btm,md->btd", is_row_BTM, delta_MD.astype(jnp.float32))

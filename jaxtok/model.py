@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtok import tokens as tokens_lib
 from jaxtok.llama_config import LlamaConfig
 from jaxtok.lora import LoraConfig, lora_delta
-from jaxtok.loss import Head, fused_next_token_loss
+from jaxtok.loss import Head, fused_next_token_loss, head_rows
 from jaxtok.rope import apply_rope, rope_tables
 
 # Gradient checkpointing of each layer: what the forward keeps for the backward. "none" keeps every activation
@@ -325,16 +325,15 @@ class Llama(nn.Module):
         """The output matrix (the embedding when tied) and the corrections of its trainable token rows."""
         c, rows = self.config, self.token_rows
         if c.tie_word_embeddings:
-            weight, layout, ids, table_MD = embedding_VD, "vd", rows.embed_ids, embed_table_MD
-            frozen_MD = jnp.take(embedding_VD, jnp.asarray(ids, jnp.int32), axis=0) if ids else None
+            weight, layout, ids = embedding_VD, "vd", rows.embed_ids
         else:
             weight = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.param_dtype)
             layout, ids = "dv", rows.head_ids
-            frozen_MD = jnp.take(weight, jnp.asarray(ids, jnp.int32), axis=1).T if ids else None
-            table_MD = tokens_lib.table(self, "head", lambda: frozen_MD) if ids else None
         if not ids:
             return Head(weight, layout)
-        assert frozen_MD is not None  # made whenever there are ids
+        frozen_MD = head_rows(weight, layout, jnp.asarray(ids, jnp.int32))
+        table_MD = embed_table_MD if c.tie_word_embeddings else tokens_lib.table(self, "head", lambda: frozen_MD)
+        assert table_MD is not None  # a tied head's rows are the embedding's, made whenever there are ids
         delta_MD = (table_MD - frozen_MD.astype(table_MD.dtype)).astype(self.dtype)
         return Head(weight, layout, ids, delta_MD)
 
