@@ -92,7 +92,9 @@ def test_sigterm_saves_the_step_and_resumes_to_the_same_adapter(files, whole, tm
     (out / "run.lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(),
                                               "started": "2026-01-01T00:00:00+00:00"}))
     process = subprocess.Popen(_cli(files, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(out / "checkpoints" / "4", process)
+    # after the second checkpoint, so the damaged copy below has an older one to fall back on (a SIGTERM right after
+    # the first left the newest as the only one: CI failed on that race once)
+    _wait_for(out / "checkpoints" / "8", process)
     process.send_signal(signal.SIGTERM)
     err, _ = process.communicate(timeout=120)  # stdout and stderr together
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -100,7 +102,7 @@ def test_sigterm_saves_the_step_and_resumes_to_the_same_adapter(files, whole, tm
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped by SIGTERM after step ") and "Run the same command again to resume." in last
     stopped_at = int(last.split("after step ")[1].split(";")[0])
-    assert 4 <= stopped_at < STEPS and (out / "checkpoints" / str(stopped_at)).is_dir()
+    assert 8 <= stopped_at < STEPS and (out / "checkpoints" / str(stopped_at)).is_dir()
     assert not (out / "adapter").exists() and not (out / "run.lock").exists()
 
     # a copy whose newest checkpoint then loses its data, as when a node dies while the disk flushes
