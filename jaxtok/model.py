@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtok import tokens as tokens_lib
+from jaxtok.attention import causal_attention
 from jaxtok.llama_config import LlamaConfig
 from jaxtok.lora import LoraConfig, lora_delta
 from jaxtok.loss import Head, fused_next_token_loss, head_rows
@@ -135,37 +136,29 @@ class Attention(nn.Module):
         return out_BTD, kv_cache
 
 
-# Queries per block of `causal_attention`.
-ATTENTION_BLOCK = 128
+# The MLP's activation keeps only its two inputs for the backward and recomputes the rest there. Under autodiff it
+# kept four [B, T, F] intermediates per layer: at shape M of `scripts/benchmark.py` (8 layers, F = 4096, 1,024
+# tokens) the step's XLA temp memory was 1,208 MiB, and 840 MiB with this. On CPU each step's temp pages are mapped
+# afresh (309k page faults per step before, 215k after), so the smaller buffer also made the step ~6% faster.
+@jax.custom_vjp
+def swiglu(gate_BTF, up_BTF):
+    """silu(gate) * up, as transformers' LlamaMLP computes it."""
+    return jax.nn.silu(gate_BTF) * up_BTF
 
 
-def causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, block: int = ATTENTION_BLOCK):
-    """Softmax attention of a whole sequence (no cache) under a mask that includes the causal one, as
-    `jax.nn.dot_product_attention` computes it, in float32 scores.
+def _swiglu_fwd(gate_BTF, up_BTF):
+    return swiglu(gate_BTF, up_BTF), (gate_BTF, up_BTF)
 
-    Queries go in blocks of `block` positions, and each block reads only the keys up to its last query: the keys after
-    it are masked anyway. At 512 positions and blocks of 128 that is 10/16 of the scores, and each block's scores are
-    smaller. Measured at shape M of `scripts/benchmark.py` (2-core CPU, one layer's forward and backward under a
-    scan): JAX's attention 119 ms, this with one block 116 ms, with 128-position blocks 69 ms; most of attention's
-    time on CPU goes to reading and writing its [B, N, T, S] scores, not to its matmuls. Heads are laid out
-    [B, K, J, T, H] so both matmuls batch over (B, K) with no transposed copies of the scores. A query that sees no
-    key (padding) gets the mean of the values its block reads (JAX's: of all values); no output reads it.
-    """
-    B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
-    scale = jnp.asarray(H**-0.5, q_BTNH.dtype)
-    q_BKJTH = jnp.transpose(q_BTNH.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4)) * scale
-    k_BKSH, v_BKSH = jnp.transpose(k_BTKH, (0, 2, 1, 3)), jnp.transpose(v_BTKH, (0, 2, 1, 3))
-    out = []
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        scores_BKJCS = jnp.einsum("bkjch,bksh->bkjcs", q_BKJTH[:, :, :, start:end], k_BKSH[:, :, :end],
-                                  preferred_element_type=jnp.float32)
-        scores_BKJCS = jnp.where(mask_BTS[:, None, None, start:end, :end], scores_BKJCS, jnp.finfo(jnp.float32).min)
-        probs_BKJCS = jax.nn.softmax(scores_BKJCS, axis=-1).astype(q_BTNH.dtype)
-        out.append(jnp.einsum("bkjcs,bksh->bkjch", probs_BKJCS, v_BKSH[:, :, :end]))
-    out_BKJTH = jnp.concatenate(out, axis=3)
-    return jnp.transpose(out_BKJTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
+
+def _swiglu_bwd(residuals, d_h_BTF):
+    gate_BTF, up_BTF = residuals
+    sigmoid_BTF = jax.nn.sigmoid(gate_BTF)
+    silu_BTF = gate_BTF * sigmoid_BTF
+    d_gate_BTF = d_h_BTF * up_BTF * (sigmoid_BTF + silu_BTF * (1 - sigmoid_BTF))
+    return d_gate_BTF, d_h_BTF * silu_BTF
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class Mlp(nn.Module):
@@ -179,8 +172,8 @@ class Mlp(nn.Module):
         D, F, biases = self.config.hidden_size, self.config.intermediate_size, self.config.biases
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
         up = dict(spec="btd,df->btf", in_shape=(D,), out_shape=(F,), in_axes=("embed",), out_axes=("mlp",), **kw)
-        h_BTF = nn.silu(Projection(name="gate_proj", bias="gate_proj" in biases, **up)(x_BTD, train)) * Projection(
-            name="up_proj", bias="up_proj" in biases, **up)(x_BTD, train)
+        h_BTF = swiglu(Projection(name="gate_proj", bias="gate_proj" in biases, **up)(x_BTD, train),
+                       Projection(name="up_proj", bias="up_proj" in biases, **up)(x_BTD, train))
         return Projection("btf,fd->btd", (F,), (D,), ("mlp",), ("embed",), name="down_proj",
                           bias="down_proj" in biases, **kw)(h_BTF, train)
 

@@ -5,7 +5,7 @@ in lower case ("btd,dnh->btnh": its h is H), and shapes in brackets in docstring
 
     A   micro-batches of one step (gradient accumulation)
     B   batch: sequences of a micro-batch, of an evaluation batch, or prompts being generated from
-    C   positions of one chunk: of the fused loss (`jaxtok.loss`), or of attention's queries (`jaxtok.model`)
+    C   positions of one chunk: of the fused loss (`jaxtok.loss`), or of attention's queries (`jaxtok.attention`)
     D   hidden size
     E   sequences of a data set: the rows of its [E, T] arrays, which one epoch covers (`jaxtok.data`)
     F   MLP intermediate size

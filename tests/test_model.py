@@ -190,28 +190,14 @@ def test_wrong_shapes_fail_by_name_before_xla(checkpoint):
         model.apply({"params": params}, tokens, loss_mask_BT=np.ones((5,), np.int32))
 
 
-@pytest.mark.parametrize("block", [1, 5, 16, 64])
-def test_causal_attention_in_query_blocks_equals_jax_attention(block):
-    """Packed segments and padding over 16 positions, blocks that do and do not divide them: every query that sees a
-    key gets JAX's output, values and gradients (a padding query's output is never read)."""
+def test_swiglu_gradient_equals_autodiff():
+    """The MLP activation's written-out backward gives autodiff's gradients of silu(gate) * up."""
     import jax.numpy as jnp
 
-    from jaxtok.model import attention_mask, causal_attention
+    from jaxtok.model import swiglu
 
-    B, T, N, K, H = 2, 16, 4, 2, 8
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, H)), jnp.float32) for n in (N, K, K))
-    segments = jnp.asarray([[1] * 6 + [2] * 7 + [0] * 3, [0] * 4 + [1] * 12])
-    mask = attention_mask(segments, segments)
-    seen = np.asarray(segments != 0)[:, :, None, None]
-    w = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32) * seen
-
-    def loss(attention, q, k, v):
-        return jnp.sum(attention(q, k, v) * w)
-
-    ours = lambda q, k, v: causal_attention(q, k, v, mask, block)  # noqa: E731
-    theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # noqa: E731
-    np.testing.assert_allclose(np.asarray(ours(q, k, v)) * seen, np.asarray(theirs(q, k, v)) * seen, rtol=1e-5,
-                               atol=1e-6)
-    chex.assert_trees_all_close(jax.grad(loss, (1, 2, 3))(ours, q, k, v), jax.grad(loss, (1, 2, 3))(theirs, q, k, v),
-                                rtol=1e-5, atol=1e-6)
+    gate, up, w = (jnp.asarray(rng.normal(size=(2, 3, 16)) * 4, jnp.float32) for _ in range(3))
+    ours = jax.grad(lambda g, u: jnp.sum(swiglu(g, u) * w), (0, 1))(gate, up)
+    theirs = jax.grad(lambda g, u: jnp.sum(jax.nn.silu(g) * u * w), (0, 1))(gate, up)
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-6)
