@@ -19,9 +19,10 @@ passes over [B, N, T, S] scores and in transposed copies of them. So:
   the matmuls read the scores untransposed) made XLA fuse the sum of the blocks' parts with the transpose and the
   RoPE backward into one strided loop, which cost more than it saved.
 
-Measured on the 2-core CPU, median of 7, gradient of 8 layers under a scan: attention alone, JAX's 114 ms per layer,
-autodiff over query blocks of 128 65-74 ms, this 47-60 ms; with the q/k/v/o projections and RoPE (forward and
-backward of x and weights), autodiff over query blocks 1,436-1,489 ms for the 8 layers, this 1,263-1,293 ms.
+Measured on the 2-core CPU, median of 7, gradient of 8 layers under a scan: attention alone, autodiff over query
+blocks of 128 74 ms per layer, this 60 ms, in one run (JAX's own attention: 114 ms in an earlier one); with the
+q/k/v/o projections and RoPE (forward and backward of x and weights), autodiff over query blocks of 128 took
+1,436-1,489 ms for the 8 layers, this 1,263-1,293 ms.
 
 A query that sees no key (padding) gets the mean of the values its block reads (JAX's: of all values), and passes no
 gradient back through its scores, as with JAX's; no output reads it.
