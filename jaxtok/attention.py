@@ -41,7 +41,8 @@ ATTENTION_BLOCK = 64
 _MASKED = jnp.finfo(jnp.float32).min
 
 
-def causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, block: int = ATTENTION_BLOCK):
+def causal_attention(q_BTNH: jnp.ndarray, k_BTKH: jnp.ndarray, v_BTKH: jnp.ndarray, mask_BTS: jnp.ndarray,
+                     block: int = ATTENTION_BLOCK) -> jnp.ndarray:
     """[B, T, N, H] attention output of queries q over keys k and values v (K <= N heads, grouped), where
     `mask_BTS` (boolean, including the causal mask) says which keys each query sees."""
     B, T, N, H = q_BTNH.shape
@@ -57,11 +58,12 @@ def _blocks(T: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, T)) for start in range(0, T, block)]
 
 
-def _scores(q_BKJTH, k_BKHS, mask_BTS, start: int, end: int):
-    """One query block's masked float32 scores [B, K, J, C, S] over the keys up to its last query (q is scaled)."""
+def _scores(q_BKJTH, k_BKHS, mask_B11CS, start: int, end: int):
+    """One query block's masked float32 scores [B, K, J, C, S] over the keys up to its last query (q is scaled);
+    `mask_B11CS` is the block's part of the mask."""
     scores_BKJCS = jnp.einsum("bkjch,bkhs->bkjcs", q_BKJTH[:, :, :, start:end], k_BKHS[..., :end],
                               preferred_element_type=jnp.float32)
-    return jnp.where(mask_BTS[:, None, None, start:end, :end], scores_BKJCS, _MASKED)
+    return jnp.where(mask_B11CS, scores_BKJCS, _MASKED)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -72,7 +74,7 @@ def _attention(q_BKJTH, k_BKHS, v_BKHS, mask_BTS, block):
 def _attention_fwd(q_BKJTH, k_BKHS, v_BKHS, mask_BTS, block):
     out, lse = [], []
     for start, end in _blocks(q_BKJTH.shape[3], block):
-        scores_BKJCS = _scores(q_BKJTH, k_BKHS, mask_BTS, start, end)
+        scores_BKJCS = _scores(q_BKJTH, k_BKHS, mask_BTS[:, None, None, start:end, :end], start, end)
         max_BKJC1 = jnp.max(scores_BKJCS, axis=-1, keepdims=True)
         exp_BKJCS = jnp.exp(scores_BKJCS - max_BKJC1)
         sum_BKJC1 = jnp.sum(exp_BKJCS, axis=-1, keepdims=True)
@@ -92,11 +94,12 @@ def _attention_bwd(block, residuals, d_out_BKJTH):
     d_q, d_k_BKSH, d_v_BKSH = [], 0.0, 0.0
     for start, end in _blocks(q_BKJTH.shape[3], block):
         q_BKJCH, d_out_BKJCH = q_BKJTH[:, :, :, start:end], d_out_BKJTH[:, :, :, start:end]
-        probs_BKJCS = jnp.exp(_scores(q_BKJTH, k_BKHS, mask_BTS, start, end) - lse_BKJT[..., start:end, None])
+        mask_B11CS = mask_BTS[:, None, None, start:end, :end]
+        probs_BKJCS = jnp.exp(_scores(q_BKJTH, k_BKHS, mask_B11CS, start, end) - lse_BKJT[..., start:end, None])
         d_probs_BKJCS = jnp.einsum("bkjch,bkhs->bkjcs", d_out_BKJCH, v_BKHS[..., :end],
                                    preferred_element_type=jnp.float32)
-        d_scores_BKJCS = jnp.where(mask_BTS[:, None, None, start:end, :end],
-                                   probs_BKJCS * (d_probs_BKJCS - delta_BKJT[..., start:end, None]), 0.0).astype(dtype)
+        d_scores_BKJCS = probs_BKJCS * (d_probs_BKJCS - delta_BKJT[..., start:end, None])
+        d_scores_BKJCS = jnp.where(mask_B11CS, d_scores_BKJCS, 0.0).astype(dtype)
         d_q.append(jnp.einsum("bkjcs,bkhs->bkjch", d_scores_BKJCS, k_BKHS[..., :end]))
         pad = [(0, 0), (0, 0), (0, S - end), (0, 0)]
         d_k_BKSH = d_k_BKSH + jnp.pad(jnp.einsum("bkjcs,bkjch->bksh", d_scores_BKJCS, q_BKJCH), pad)

@@ -141,7 +141,7 @@ class Attention(nn.Module):
 # tokens) the step's XLA temp memory was 1,208 MiB, and 840 MiB with this. On CPU each step's temp pages are mapped
 # afresh (309k page faults per step before, 215k after), so the smaller buffer also made the step ~6% faster.
 @jax.custom_vjp
-def swiglu(gate_BTF, up_BTF):
+def swiglu(gate_BTF: jnp.ndarray, up_BTF: jnp.ndarray) -> jnp.ndarray:
     """silu(gate) * up, as transformers' LlamaMLP computes it."""
     return jax.nn.silu(gate_BTF) * up_BTF
 
