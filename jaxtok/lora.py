@@ -105,6 +105,10 @@ def lora_delta(module: nn.Module, x_BTI, config: LoraConfig, out_features: int, 
 # compiled into a transpose of the [B*T, O] output gradient, fused with the MLP's elementwise backward and read
 # column-wise: two such fusions per layer took a fifth of the step. Asking for the gradient as [R, O] (its
 # natural shape, only the small [B*T, R] operand is transposed) and transposing that [R, O] result removes them.
+# The optimization barrier keeps it so: without it XLA folds the transpose back into the matmul, which then
+# yields [O, R] from two operands contracted over their major axis. The CPU backend's fast matmul library
+# (YNNPACK) does not take that form, and its fallback ran at ~10 GFLOP/s: 14 ms for each of gate_proj and
+# up_proj per layer at shape M of `scripts/benchmark.py` (JAX profiler), about 3% of the step in all.
 # The scaling multiplies the [B, T, R] activations and their gradient, not the [B, T, O] output and its gradient:
 # those two full-width multiplies per projection were about 10 ms per layer of that step.
 @jax.custom_vjp
@@ -119,7 +123,7 @@ def _low_rank_fwd(x_BTI, a_RI, b_OR, scaling):
 
 def _low_rank_bwd(residuals, d_y_BTO):
     x_BTI, a_RI, b_OR, scaling, h_BTR = residuals  # h is scaled
-    d_b_OR = jnp.einsum("btr,bto->ro", h_BTR, d_y_BTO).T
+    d_b_OR = jax.lax.optimization_barrier(jnp.einsum("btr,bto->ro", h_BTR, d_y_BTO)).T
     d_h_BTR = jnp.einsum("bto,or->btr", d_y_BTO, b_OR) * scaling
     d_a_RI = jnp.einsum("btr,bti->ri", d_h_BTR, x_BTI)
     d_x_BTI = jnp.einsum("btr,ri->bti", d_h_BTR, a_RI)
