@@ -58,11 +58,10 @@ def _blocks(T: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, T)) for start in range(0, T, block)]
 
 
-def _scores(q_BKJTH, k_BKHS, mask_B11CS, start: int, end: int):
-    """One query block's masked float32 scores [B, K, J, C, S] over the keys up to its last query (q is scaled);
-    `mask_B11CS` is the block's part of the mask."""
-    scores_BKJCS = jnp.einsum("bkjch,bkhs->bkjcs", q_BKJTH[:, :, :, start:end], k_BKHS[..., :end],
-                              preferred_element_type=jnp.float32)
+def _scores(q_BKJCH, k_BKHS, mask_B11CS, end: int):
+    """One query block's masked float32 scores [B, K, J, C, S] over the keys up to its last query, `end` (q is
+    scaled); `mask_B11CS` is the block's part of the mask."""
+    scores_BKJCS = jnp.einsum("bkjch,bkhs->bkjcs", q_BKJCH, k_BKHS[..., :end], preferred_element_type=jnp.float32)
     return jnp.where(mask_B11CS, scores_BKJCS, _MASKED)
 
 
@@ -74,7 +73,7 @@ def _attention(q_BKJTH, k_BKHS, v_BKHS, mask_BTS, block):
 def _attention_fwd(q_BKJTH, k_BKHS, v_BKHS, mask_BTS, block):
     out, lse = [], []
     for start, end in _blocks(q_BKJTH.shape[3], block):
-        scores_BKJCS = _scores(q_BKJTH, k_BKHS, mask_BTS[:, None, None, start:end, :end], start, end)
+        scores_BKJCS = _scores(q_BKJTH[:, :, :, start:end], k_BKHS, mask_BTS[:, None, None, start:end, :end], end)
         max_BKJC1 = jnp.max(scores_BKJCS, axis=-1, keepdims=True)
         exp_BKJCS = jnp.exp(scores_BKJCS - max_BKJC1)
         sum_BKJC1 = jnp.sum(exp_BKJCS, axis=-1, keepdims=True)
@@ -95,7 +94,7 @@ def _attention_bwd(block, residuals, d_out_BKJTH):
     for start, end in _blocks(q_BKJTH.shape[3], block):
         q_BKJCH, d_out_BKJCH = q_BKJTH[:, :, :, start:end], d_out_BKJTH[:, :, :, start:end]
         mask_B11CS = mask_BTS[:, None, None, start:end, :end]
-        probs_BKJCS = jnp.exp(_scores(q_BKJTH, k_BKHS, mask_B11CS, start, end) - lse_BKJT[..., start:end, None])
+        probs_BKJCS = jnp.exp(_scores(q_BKJCH, k_BKHS, mask_B11CS, end) - lse_BKJT[..., start:end, None])
         d_probs_BKJCS = jnp.einsum("bkjch,bkhs->bkjcs", d_out_BKJCH, v_BKHS[..., :end],
                                    preferred_element_type=jnp.float32)
         d_scores_BKJCS = probs_BKJCS * (d_probs_BKJCS - delta_BKJT[..., start:end, None])
