@@ -201,3 +201,29 @@ def test_swiglu_gradient_equals_autodiff():
     ours = jax.grad(lambda g, u: jnp.sum(swiglu(g, u) * w), (0, 1))(gate, up)
     theirs = jax.grad(lambda g, u: jnp.sum(jax.nn.silu(g) * u * w), (0, 1))(gate, up)
     chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_keeps_only_gate_and_up_of_the_mlp():
+    """Of the MLP's [B, T, F] activations the backward keeps gate and up only, with LoRA on down_proj too: its input
+    silu(gate) * up is recomputed (jaxtok.model, Mlp)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax._src.ad_checkpoint import saved_residuals  # what JAX's print_saved_residuals prints
+
+    from jaxtok import trainable
+    from jaxtok.llama_config import LlamaConfig
+    from jaxtok.lora import LoraConfig
+    from jaxtok.model import Llama
+
+    L, B, T, F = 2, 2, 5, 48
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=F, num_layers=L, num_heads=2,
+                         num_kv_heads=1, head_dim=8)
+    model = Llama(config, lora=LoraConfig(rank=4, targets="all-linear"))
+    tokens = jnp.ones((B, T), jnp.int32)
+    train, frozen = trainable.split(nn.unbox(model.init(jax.random.key(0), tokens)), "lora")
+
+    def loss(train):
+        (total, count), _ = model.apply(trainable.merge(train, frozen), tokens, loss_mask_BT=jnp.ones_like(tokens))
+        return total / count
+
+    assert [r.shape for r, _ in saved_residuals(loss, train)].count((L, B, T, F)) == 2
