@@ -63,14 +63,46 @@ class RMSNorm(nn.Module):
         return scale_D.astype(self.dtype) * x32.astype(self.dtype)
 
 
+# A projection's frozen matmul, x W with W flattened to [I, O], has its backward written out so that it keeps only
+# W, as the layer scan's own slice of the stacked kernel, for x's gradient. Under autodiff of the einsum on the
+# kernel as stored ([D, N, H] for q_proj, [N, H, D] for o_proj) XLA copied both kernels into a transposed layout in
+# every layer's backward (and o_proj's in the forward), ~10 ms per layer at shape M of `scripts/benchmark.py`
+# (JAX profiler); under autodiff of an einsum on the flattened kernel, the scan kept every layer's flattened q, k,
+# v and o kernels as residuals (+80 MiB of XLA temp memory at shape M). This keeps neither: at shape M, 16
+# interleaved in-process pairs of steps were 68 ms (1.7%) faster in the median, at the same temp memory.
+# The kernel's gradient is computed only where the kernel is differentiated (never in training: it is frozen).
+@jax.custom_vjp
+def frozen_linear(x_BTI: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """x [B, T, I] times `kernel` ([*in, *out] with in features I in all, cast to x's dtype): [B, T, O]."""
+    return _flat_matmul(x_BTI, kernel)
+
+
+def _flat_matmul(x_BTI, kernel):
+    return jnp.einsum("bti,io->bto", x_BTI, kernel.astype(x_BTI.dtype).reshape(x_BTI.shape[-1], -1))
+
+
+def _frozen_linear_fwd(x, kernel):  # CustomVJPPrimal pairs (value, perturbed), as symbolic_zeros=True passes them
+    x_BTI = x.value
+    return _flat_matmul(x_BTI, kernel.value), (x_BTI if kernel.perturbed else None, kernel.value)
+
+
+def _frozen_linear_bwd(residuals, d_y_BTO):
+    x_BTI, kernel = residuals
+    w_IO = kernel.astype(d_y_BTO.dtype).reshape(-1, d_y_BTO.shape[-1])
+    d_x_BTI = jnp.einsum("bto,io->bti", d_y_BTO, w_IO)
+    if x_BTI is None:
+        return d_x_BTI, None
+    return d_x_BTI, jnp.einsum("bti,bto->io", x_BTI, d_y_BTO).reshape(kernel.shape).astype(kernel.dtype)
+
+
+frozen_linear.defvjp(_frozen_linear_fwd, _frozen_linear_bwd, symbolic_zeros=True)
+
+
 class Projection(nn.Module):
-    """A frozen linear map `kernel` (named like HF's module: q_proj, ..., down_proj), its frozen `bias` [*out_shape]
-    if `bias`, plus its LoRA branch if targeted.
+    """A frozen linear map `kernel` [*in_shape, *out_shape] (named like HF's module: q_proj, ..., down_proj) from
+    the trailing `in_shape` axes of its input to `out_shape` axes, its frozen `bias` [*out_shape] if `bias`, plus
+    its LoRA branch if targeted."""
 
-    `spec` is the einsum of input and kernel, e.g. "btd,dnh->btnh"; the kernel's shape is in_shape + out_shape.
-    """
-
-    spec: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     in_axes: tuple[str, ...]
@@ -84,15 +116,16 @@ class Projection(nn.Module):
     def __call__(self, x, train: bool = False):
         shape, axes = self.in_shape + self.out_shape, self.in_axes + self.out_axes
         kernel = _param(self, "kernel", shape, axes, self.param_dtype)
-        y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
+        B, T = x.shape[:2]
+        x_BTI = x.reshape(B, T, -1)
+        y = frozen_linear(x_BTI, kernel).reshape(B, T, *self.out_shape)
         if self.bias:
             y = y + _param(self, "bias", self.out_shape, self.out_axes, self.param_dtype,
                            nn.initializers.zeros).astype(self.dtype)
         if self.lora is None or self.name not in self.lora.targets:
             return y
-        B, T = x.shape[:2]
         axes = (self.in_axes[0], self.out_axes[0])
-        delta = lora_delta(self, x.reshape(B, T, -1), self.lora, math.prod(self.out_shape), axes, train, self.dtype)
+        delta = lora_delta(self, x_BTI, self.lora, math.prod(self.out_shape), axes, train, self.dtype)
         return y + delta.reshape(y.shape)
 
 
@@ -108,10 +141,9 @@ class Attention(nn.Module):
         c = self.config
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        kv = dict(spec="btd,dkh->btkh", in_shape=(D,), out_shape=(K, H), in_axes=("embed",),
-                    out_axes=("kv_heads", "head_dim"), **kw)
-        q_BTNH = Projection("btd,dnh->btnh", (D,), (N, H), ("embed",), ("heads", "head_dim"), name="q_proj",
-                            bias="q_proj" in c.biases, **kw)(x_BTD, train)
+        kv = dict(in_shape=(D,), out_shape=(K, H), in_axes=("embed",), out_axes=("kv_heads", "head_dim"), **kw)
+        q_BTNH = Projection((D,), (N, H), ("embed",), ("heads", "head_dim"), name="q_proj", bias="q_proj" in c.biases,
+                            **kw)(x_BTD, train)
         k_BTKH = Projection(name="k_proj", bias="k_proj" in c.biases, **kv)(x_BTD, train)
         v_BTKH = Projection(name="v_proj", bias="v_proj" in c.biases, **kv)(x_BTD, train)
         if c.qk_norm:  # Qwen3: each head normalised over H, before RoPE
@@ -131,7 +163,7 @@ class Attention(nn.Module):
             out_BTNH = jax.nn.dot_product_attention(
                 q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None, :, :], implementation=self.attention_impl
             )
-        out_BTD = Projection("btnh,nhd->btd", (N, H), (D,), ("heads", "head_dim"), ("embed",), name="o_proj",
+        out_BTD = Projection((N, H), (D,), ("heads", "head_dim"), ("embed",), name="o_proj",
                              bias="o_proj" in c.biases, **kw)(out_BTNH, train)
         return out_BTD, kv_cache
 
@@ -171,12 +203,12 @@ class Mlp(nn.Module):
     def __call__(self, x_BTD, train=False):
         D, F, biases = self.config.hidden_size, self.config.intermediate_size, self.config.biases
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        up = dict(spec="btd,df->btf", in_shape=(D,), out_shape=(F,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        up = dict(in_shape=(D,), out_shape=(F,), in_axes=("embed",), out_axes=("mlp",), **kw)
         gate_BTF = Projection(name="gate_proj", bias="gate_proj" in biases, **up)(x_BTD, train)
         up_BTF = Projection(name="up_proj", bias="up_proj" in biases, **up)(x_BTD, train)
 
         def down(mlp: Mlp, gate_BTF, up_BTF):
-            return Projection("btf,fd->btd", (F,), (D,), ("mlp",), ("embed",), name="down_proj",
+            return Projection((F,), (D,), ("mlp",), ("embed",), name="down_proj",
                               bias="down_proj" in biases, parent=mlp, **kw)(swiglu(gate_BTF, up_BTF), train)
 
         # down_proj's LoRA keeps its input, silu(gate) * up, for the gradient of A. Recomputed from gate and up,

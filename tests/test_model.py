@@ -203,14 +203,70 @@ def test_swiglu_gradient_equals_autodiff():
     chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
-def test_backward_keeps_only_gate_and_up_of_the_mlp(capsys):
-    """Of the MLP's [B, T, F] activations the backward keeps gate and up only, with LoRA on down_proj too: its input
-    silu(gate) * up is recomputed (jaxtok.model, Mlp)."""
+@pytest.mark.parametrize("differentiate_kernel", [False, True])
+def test_frozen_linear_gradient_equals_autodiff(differentiate_kernel):
+    """The frozen matmul's written-out backward gives autodiff's gradient of the einsum on the kernel as stored
+    ([D, N, H]), for x, and for the kernel where it is differentiated."""
+    import jax.numpy as jnp
+
+    from jaxtok.model import frozen_linear
+
+    rng = np.random.default_rng(0)
+    x_BTD, kernel_DNH, w_BTNH = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                                 for s in [(2, 3, 8), (8, 2, 5), (2, 3, 2, 5)])
+    argnums = (0, 1) if differentiate_kernel else 0
+
+    def loss(project):
+        return lambda x, kernel: jnp.sum(project(x, kernel) * w_BTNH)
+
+    ours = jax.grad(loss(lambda x, k: frozen_linear(x, k).reshape(2, 3, 2, 5)), argnums)(x_BTD, kernel_DNH)
+    theirs = jax.grad(loss(lambda x, k: jnp.einsum("btd,dnh->btnh", x, k)), argnums)(x_BTD, kernel_DNH)
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def _saved_residuals(capsys, model, tokens) -> list[str]:
+    """One line per value the train step's backward keeps, e.g. "f32[2,2,5,48] output of ..." (LoRA trained)."""
     import flax.linen as nn
     import jax.numpy as jnp
     from jax.ad_checkpoint import print_saved_residuals
 
     from jaxtok import trainable
+
+    train, frozen = trainable.split(nn.unbox(model.init(jax.random.key(0), tokens)), "lora")
+
+    def loss(train):
+        (total, count), _ = model.apply(trainable.merge(train, frozen), tokens, loss_mask_BT=jnp.ones_like(tokens))
+        return total / count
+
+    print_saved_residuals(loss, train)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_backward_keeps_no_copy_of_a_kernel(capsys):
+    """The projections' backward reads each layer's kernel as the layer scan slices it from the frozen (constant)
+    stack: no flattened or transposed copy of a kernel is kept per layer (jaxtok.model, frozen_linear)."""
+    import jax.numpy as jnp
+
+    from jaxtok.llama_config import LlamaConfig
+    from jaxtok.lora import LoraConfig
+    from jaxtok.model import Llama
+
+    L, D, N, K, H, F = 2, 24, 2, 1, 8, 40
+    config = LlamaConfig(vocab_size=64, hidden_size=D, intermediate_size=F, num_layers=L, num_heads=N,
+                         num_kv_heads=K, head_dim=H)
+    kept = _saved_residuals(capsys, Llama(config, lora=LoraConfig(rank=4, targets="all-linear")),
+                            jnp.ones((2, 5), jnp.int32))
+    kernels = [(D, N * H), (D, K * H), (N * H, D), (D, F), (F, D)]  # q, k/v, o, gate/up, down
+    shapes = {f"[{L},{a},{b}]" for a, b in kernels} | {f"[{L},{b},{a}]" for a, b in kernels}
+    copies = [line for line in kept if line.split(" ")[0][3:] in shapes and "from a constant" not in line]
+    assert kept and not copies
+
+
+def test_backward_keeps_only_gate_and_up_of_the_mlp(capsys):
+    """Of the MLP's [B, T, F] activations the backward keeps gate and up only, with LoRA on down_proj too: its input
+    silu(gate) * up is recomputed (jaxtok.model, Mlp)."""
+    import jax.numpy as jnp
+
     from jaxtok.llama_config import LlamaConfig
     from jaxtok.lora import LoraConfig
     from jaxtok.model import Llama
@@ -218,14 +274,6 @@ def test_backward_keeps_only_gate_and_up_of_the_mlp(capsys):
     L, B, T, F = 2, 2, 5, 48
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=F, num_layers=L, num_heads=2,
                          num_kv_heads=1, head_dim=8)
-    model = Llama(config, lora=LoraConfig(rank=4, targets="all-linear"))
-    tokens = jnp.ones((B, T), jnp.int32)
-    train, frozen = trainable.split(nn.unbox(model.init(jax.random.key(0), tokens)), "lora")
-
-    def loss(train):
-        (total, count), _ = model.apply(trainable.merge(train, frozen), tokens, loss_mask_BT=jnp.ones_like(tokens))
-        return total / count
-
-    print_saved_residuals(loss, train)  # one line per residual: "f32[2,2,5,48] output of ..."
-    kept = capsys.readouterr().out.splitlines()
+    kept = _saved_residuals(capsys, Llama(config, lora=LoraConfig(rank=4, targets="all-linear")),
+                            jnp.ones((B, T), jnp.int32))
     assert sum(line.startswith(f"f32[{L},{B},{T},{F}] ") for line in kept) == 2
