@@ -34,6 +34,7 @@ _HOMES = {
     "schedule": "jaxtok.optimizer",
     "init_state": "jaxtok.step",
     "make_train_step": "jaxtok.step",
+    "residual_buffers": "jaxtok.step",
     # export
     "export_peft": "jaxtok.export",
     "export_merged": "jaxtok.export",

@@ -116,7 +116,7 @@ class Checkpoints:
         restored = self.manager.restore(step, args=args)
         saved = restored["state"]
         state = TrainState(saved["step"], saved["trainable"], saved["opt_state"],
-                           jax.random.wrap_key_data(saved["rng"]))
+                           jax.random.wrap_key_data(saved["rng"]), like.residuals)  # scratch: never saved
         return state, dict(restored["record"])
 
     def record(self, step: Optional[int] = None) -> dict:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxtok import tokens as tokens_lib
 from jaxtok.attention import causal_attention
+from jaxtok.layer_stack import residual_shapes, scan_layers
 from jaxtok.llama_config import LlamaConfig
 from jaxtok.lora import LoraConfig, lora_delta
 from jaxtok.loss import Head, fused_next_token_loss, head_rows
@@ -329,20 +330,23 @@ class Llama(nn.Module):
             kv_cache = (cache["k"], cache["v"])
         mask_BTS = attention_mask(segment_ids_BT, kv_segments_BS, cache_index)
 
-        layer = DecoderLayer
-        if self.remat != "none":
-            layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
         windows_L = jnp.asarray(c.layer_windows, jnp.int32) if c.layer_windows else None
-        layers = nn.scan(
-            layer,
-            variable_axes={"params": 0, "lora": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * 4 + (0, 0),
-            length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.lora, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-          train=train, name="layers")
-        x_BTD, kv_cache = layers(x_BTD, cos, sin, mask_BTS, cache_index, kv_cache, windows_L)
+        if train and cache is None and self.is_mutable_collection("residuals") and not self.is_initializing():
+            x_BTD = self._layers_with_buffers(x_BTD, cos, sin, mask_BTS, windows_L)
+        else:
+            layer = DecoderLayer
+            if self.remat != "none":
+                layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
+            layers = nn.scan(
+                layer,
+                variable_axes={"params": 0, "lora": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * 4 + (0, 0),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.lora, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+              train=train, name="layers")
+            x_BTD, kv_cache = layers(x_BTD, cos, sin, mask_BTS, cache_index, kv_cache, windows_L)
 
         x_BTD = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x_BTD)
         head = self._head(embedding_VD, embed_table_MD)
@@ -353,9 +357,43 @@ class Llama(nn.Module):
             out = head.logits(x_BTD[:, -1:] if last_only else x_BTD)
 
         if cache is not None:
+            assert kv_cache is not None  # the scan ran with the cache
             k, v = kv_cache
             cache = dict(k=k, v=v, segment_ids=kv_segments_BS, index=cache["index"] + T)
         return out, cache
+
+    def _layers_with_buffers(self, x_BTD, cos, sin, mask_BTS, windows_L):
+        """The layers of a train step (as the scan of `__call__` computes them) whose backward keeps its residuals in
+        the `residuals` collection's buffers (`jaxtok.layer_stack`; zeros of the right shapes where it has none)."""
+        c = self.config
+        module = DecoderLayer(c, self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
+                              attention_impl=self.attention_impl, train=True, parent=None)
+        dropout = self.lora is not None and self.lora.dropout > 0.0
+        # one dropout key per layer, as the scan splits them (not the same keys: the two paths draw different masks)
+        rngs_L = jax.random.split(self.make_rng("dropout"), c.num_layers) if dropout else None
+
+        def layer(frozen_l, trained_l, x_BTD, consts, xs_l):
+            (cos, sin, mask_BTS), (window, rng) = consts, xs_l
+            variables = {"params": frozen_l, **({"lora": trained_l} if trained_l else {})}
+
+            def apply(variables, x_BTD):
+                return module.apply(variables, x_BTD, cos, sin, mask_BTS, 0, None, window,
+                                    rngs={"dropout": rng} if dropout else None)[0]
+
+            if self.remat != "none":
+                apply = jax.checkpoint(apply, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
+            return apply(variables, x_BTD)
+
+        frozen_L = self.variables["params"]["layers"]
+        trained_L = self.variables.get("lora", {}).get("layers", {})
+        args = (layer, frozen_L, trained_L, x_BTD, (cos, sin, mask_BTS), (windows_L, rngs_L))
+        if self.has_variable("residuals", "buffers"):
+            buffers = self.get_variable("residuals", "buffers")
+        else:
+            buffers = tuple(jnp.zeros(a.shape, a.dtype) for a in residual_shapes(*args))
+        x_BTD, buffers = scan_layers(*args, buffers)
+        self.put_variable("residuals", "buffers", buffers)
+        return x_BTD
 
     def _head(self, embedding_VD, embed_table_MD) -> Head:
         """The output matrix (the embedding when tied) and the corrections of its trainable token rows."""

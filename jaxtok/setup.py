@@ -31,7 +31,7 @@ from jaxtok.optimizer import make_optimizer
 from jaxtok.peft_import import apply_adapter
 from jaxtok.run_config import RunConfig, load_run_config
 from jaxtok.sharding import make_mesh, tree_shardings
-from jaxtok.step import TrainState, init_state, state_shardings
+from jaxtok.step import TrainState, init_state, residual_buffers, state_shardings
 from jaxtok.tokenizer import load_tokenizer
 from jaxtok.untrained import Untrained, read_untrained
 from jaxtok.untrained import report as untrained_report
@@ -203,6 +203,19 @@ def initial_state(config: RunConfig, setup: Setup) -> tuple[TrainState, dict, op
     state_sh = state_shardings(optimizer, trainable, trainable_sh, setup.mesh)
     state = jax.jit(lambda t: init_state(t, optimizer, config.train.seed), out_shardings=state_sh)(trainable)
     return state, frozen, optimizer, state_sh
+
+
+def with_residual_buffers(setup: Setup, state: TrainState, state_sh: TrainState, frozen: dict
+                          ) -> tuple[TrainState, TrainState]:
+    """The state and its shardings with `TrainState.residuals` for the training data's batches, on a mesh of one
+    device: there the step keeps its layers' residuals in memory it reuses (`jaxtok.layer_stack`). Across devices
+    the step takes autodiff's residuals, because the buffers' shardings are not derived yet."""
+    if setup.mesh.size != 1 or setup.train_data is None:
+        return state, state_sh
+    batch = {key: jax.ShapeDtypeStruct(shape, np.int32) for key, shape in setup.train_data.shapes().items()}
+    residuals = residual_buffers(setup.model, state.trainable, frozen, batch)
+    replicated = jax.tree.map(lambda _: state_sh.step, residuals)
+    return dataclasses.replace(state, residuals=residuals), dataclasses.replace(state_sh, residuals=replicated)
 
 
 def stop_id(setup: Setup, stop: str) -> int:

@@ -29,10 +29,28 @@ class TrainState:
     trainable: Any  # {"lora": ..., "tokens": ..., maybe "params": {"embed": ...}}
     opt_state: Any
     rng: jax.Array
+    # None, or the `residuals` collection of `residual_buffers`: memory the step's backward reuses (never saved)
+    residuals: Any = None
 
 
 def init_state(trainable: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), jax.random.key(seed))
+
+
+def residual_buffers(model: Llama, trainable: dict, frozen: dict, batch: dict[str, Any]) -> dict:
+    """Zeroed buffers for `TrainState.residuals`, sized for batches shaped like `batch` ([A, B, T] arrays, or their
+    ShapeDtypeStructs). With them the step keeps its layers' residuals there, in memory every step reuses, rather
+    than in scratch memory mapped afresh each step (`jaxtok.layer_stack` says why and what it saves)."""
+
+    def residuals(trainable, frozen, micro):
+        return model.apply(
+            trainable_lib.merge(frozen, trainable), micro["tokens"], micro["positions"], micro["segment_ids"],
+            train=True, rngs={"dropout": jax.random.key(0)}, loss_mask_BT=micro["loss_mask"], mutable=["residuals"],
+        )[1]["residuals"]
+
+    micro = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), batch)
+    shapes = jax.eval_shape(residuals, trainable, frozen, micro)
+    return jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))()  # one compilation
 
 
 def state_shardings(optimizer: optax.GradientTransformation, trainable, trainable_shardings, mesh) -> TrainState:
@@ -71,14 +89,18 @@ def make_train_step(
     replicated.
     """
 
-    def loss_sum(trainable, frozen, micro, rng):
-        (total, count), _ = model.apply(
-            trainable_lib.merge(frozen, trainable), micro["tokens"], micro["positions"], micro["segment_ids"],
-            train=True, rngs={"dropout": rng}, loss_mask_BT=micro["loss_mask"],
-        )
-        return total, count
+    def loss_sum(trainable, frozen, micro, rng, residuals):
+        variables = trainable_lib.merge(frozen, trainable)
+        kw = dict(train=True, rngs={"dropout": rng}, loss_mask_BT=micro["loss_mask"])
+        if residuals is None:
+            (total, count), _ = model.apply(variables, micro["tokens"], micro["positions"], micro["segment_ids"], **kw)
+            return total, (count, None)
+        ((total, count), _), written = model.apply(
+            {**variables, "residuals": residuals}, micro["tokens"], micro["positions"], micro["segment_ids"],
+            mutable=["residuals"], **kw)
+        return total, (count, written["residuals"])
 
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)  # aux: the number of target tokens
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)  # aux: the number of target tokens, the residual buffers
 
     def step(state: TrainState, frozen: dict, batch: Batch):
         chex.assert_rank(batch["tokens"], 3)  # [A, B, T]: micro-batches first, even for one
@@ -87,18 +109,19 @@ def make_train_step(
         num_micro = batch["tokens"].shape[0]
 
         def accumulate(carry, xs):
-            grads, total, count = carry
+            grads, total, count, residuals = carry
             micro, micro_rng = xs
-            (s, n), g = grad_fn(state.trainable, frozen, micro, micro_rng)
-            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+            (s, (n, residuals)), g = grad_fn(state.trainable, frozen, micro, micro_rng, residuals)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n, residuals), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, total, count), _ = jax.lax.scan(accumulate, init, (batch, jax.random.split(step_rng, num_micro)))
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.residuals)
+        (grads, total, count, residuals), _ = jax.lax.scan(accumulate, init,
+                                                           (batch, jax.random.split(step_rng, num_micro)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        new = TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state, rng)
+        new = TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state, rng, residuals)
         metrics = {
             "loss": total / count,
             "grad_norm": optax.tree_utils.tree_norm(grads),

@@ -33,7 +33,7 @@ from jaxtok.metrics import MetricsWriter, drop_after
 from jaxtok.optimizer import schedule
 from jaxtok.run_config import RunConfig, TrainSection
 from jaxtok.run_lock import RunLock
-from jaxtok.setup import Setup, build, initial_state, summary
+from jaxtok.setup import Setup, build, initial_state, summary, with_residual_buffers
 from jaxtok.sharding import RULES, batch_sharding, global_array, global_batch, initialize_distributed
 from jaxtok.step import TrainState, make_train_step
 from jaxtok.stop import StopSignals
@@ -82,6 +82,7 @@ def _run(config: RunConfig, out: Path, log: Callable[[str], None]) -> dict:
         (out / "run_config.json").write_text(config.to_json())
         setup.tokenizer.save_pretrained(str(out / "tokenizer"))
     state, frozen, optimizer, state_sh = initial_state(config, setup)
+    state, state_sh = with_residual_buffers(setup, state, state_sh, frozen)
     optim = config.optim
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step_fn = make_train_step(setup.model, optimizer, schedule(optim, optim.lr),

@@ -54,7 +54,8 @@ Columns of results.md (results.json holds the same per row, plus every repeat's 
     / PEFT        jaxtok's ms/step / PEFT's ms/step for the same variant (below 1: jaxtok is faster)
     / lora        this variant's ms/step / the same framework's lora ms/step
     peak RSS      the worker's peak resident memory (ru_maxrss), MiB, max over repeats; includes the framework itself
-    XLA temp      jaxtok only: the compiled step's temporary buffers (memory_analysis().temp_size_in_bytes), MiB
+    XLA temp      jaxtok only: the compiled step's temporary buffers (memory_analysis().temp_size_in_bytes) plus the
+                  layers' residual buffers it reuses from step to step (TrainState.residuals), MiB
     device peak   on an accelerator only: peak device memory in use, MiB, weights included (jaxtok: the device's
                   memory_stats()["peak_bytes_in_use"]; PEFT: torch.cuda.max_memory_allocated)
     trainable     number of trained parameters (a check that both frameworks train the same thing)
@@ -231,7 +232,7 @@ def jaxtok_worker(spec: dict) -> dict:
     from jaxtok.lora import LoraConfig
     from jaxtok.model import Llama, abstract_params
     from jaxtok.optimizer import OptimConfig, make_optimizer, schedule
-    from jaxtok.step import init_state, make_train_step
+    from jaxtok.step import init_state, make_train_step, residual_buffers
     from jaxtok.tokens import TokenRows
 
     s, variant = SHAPES[spec["shape"]], spec["variant"]
@@ -265,6 +266,9 @@ def jaxtok_worker(spec: dict) -> dict:
     positions = np.broadcast_to(np.arange(s.seq_len, dtype=np.int32), tokens.shape)
     batch = jax.device_put(dict(tokens=tokens, positions=positions, segment_ids=np.ones_like(tokens),
                                 loss_mask=np.ones_like(tokens)))
+    if jax.device_count() == 1:  # as scripts/train.py runs on one device (jaxtok.setup.with_residual_buffers)
+        state = state.replace(residuals=residual_buffers(model, state.trainable, frozen, batch))
+    residual_bytes = sum(x.nbytes for x in jax.tree.leaves(state.residuals))
     compile_start = time.perf_counter()
     step = make_train_step(model, optimizer, schedule(optim, optim.lr)).lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - compile_start
@@ -280,7 +284,7 @@ def jaxtok_worker(spec: dict) -> dict:
     return dict(
         step_times_s=times, setup_s=compile_start - start, compile_s=compile_s, loss=float(box[1]["loss"]),
         trainable_params=int(trainable_params), peak_rss_mib=peak_rss_mib(),
-        xla_temp_mib=getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory is not None else None,
+        xla_temp_mib=(memory.temp_size_in_bytes + residual_bytes) / 2**20 if memory is not None else None,
         device_peak_mib=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
         device=jax.local_devices()[0].device_kind,
     )
