@@ -31,6 +31,10 @@ import jax.numpy as jnp
 Layer = Callable[[Any, Any, jnp.ndarray, Any, Any], jnp.ndarray]
 
 
+def _num_layers(stacked) -> int:
+    return jax.tree_util.tree_leaves(stacked)[0].shape[0]
+
+
 def _at(tree, layer):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), tree)
 
@@ -47,7 +51,7 @@ def _pullback(layer: Layer, frozen_l, trained_l, x, consts, xs_l):
 
 def residual_shapes(layer: Layer, frozen_L, trained_L, x, consts, xs_L) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Shapes of the buffers `scan_layers` needs: one per kept residual of a layer, stacked over layers."""
-    L = jax.tree_util.tree_leaves(frozen_L)[0].shape[0]
+    L = _num_layers(frozen_L)
     kept = jax.eval_shape(lambda: _pullback(layer, _at(frozen_L, 0), _at(trained_L, 0), x, consts, _at(xs_L, 0))[3])
     return tuple(jax.ShapeDtypeStruct((L, *a.shape), a.dtype) for a in kept)
 
@@ -63,19 +67,14 @@ jax.tree_util.register_pytree_node(
     _Saved, lambda s: ((s.buffers,), (s.treedef, s.where)), lambda aux, children: _Saved(children[0], *aux))
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
 def scan_layers(layer: Layer, frozen_L, trained_L, x, consts, xs_L, buffers: tuple) -> tuple[jnp.ndarray, tuple]:
     """x through every layer (`frozen_L`, `trained_L` and `xs_L` stacked on a leading layers axis), and the
     buffers with this pass's residuals written in. Differentiable in `trained_L` and x only."""
-    return _scan_layers(layer, frozen_L, trained_L, x, consts, xs_L, buffers)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan_layers(layer, frozen_L, trained_L, x, consts, xs_L, buffers):
     return _forward(layer, frozen_L, trained_L, x, consts, xs_L, buffers)[0]
 
 
 def _forward(layer, frozen_L, trained_L, x, consts, xs_L, buffers):
-    L = jax.tree_util.tree_leaves(frozen_L)[0].shape[0]
     static = {}
 
     def body(carry, l):
@@ -84,7 +83,7 @@ def _forward(layer, frozen_L, trained_L, x, consts, xs_L, buffers):
             layer, _at(frozen_L, l), _at(trained_L, l), x, consts, _at(xs_L, l))
         return (y, tuple(jax.lax.dynamic_update_index_in_dim(b, r, l, 0) for b, r in zip(buffers, kept))), None
 
-    (x, buffers), _ = jax.lax.scan(body, (x, tuple(buffers)), jnp.arange(L))
+    (x, buffers), _ = jax.lax.scan(body, (x, tuple(buffers)), jnp.arange(_num_layers(frozen_L)))
     saved = _Saved(buffers, static["treedef"], static["where"])
     return (x, buffers), (saved, frozen_L, trained_L, consts, xs_L)
 
@@ -92,7 +91,6 @@ def _forward(layer, frozen_L, trained_L, x, consts, xs_L, buffers):
 def _backward(layer, residuals, cotangents):
     saved, frozen_L, trained_L, consts, xs_L = residuals
     d_x, _ = cotangents  # the buffers are scratch: nothing flows back through them
-    L = jax.tree_util.tree_leaves(frozen_L)[0].shape[0]
 
     def body(carry, l):
         d_x, d_trained_L = carry
@@ -104,9 +102,9 @@ def _backward(layer, residuals, cotangents):
                                    d_trained_l)
         return (d_x, d_trained_L), None
 
-    (d_x, d_trained_L), _ = jax.lax.scan(body, (d_x, jax.tree.map(jnp.zeros_like, trained_L)), jnp.arange(L),
-                                         reverse=True)
+    (d_x, d_trained_L), _ = jax.lax.scan(body, (d_x, jax.tree.map(jnp.zeros_like, trained_L)),
+                                         jnp.arange(_num_layers(frozen_L)), reverse=True)
     return None, d_trained_L, d_x, None, None, None
 
 
-_scan_layers.defvjp(_forward, _backward)
+scan_layers.defvjp(_forward, _backward)

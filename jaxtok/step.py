@@ -43,14 +43,19 @@ def residual_buffers(model: Llama, trainable: dict, frozen: dict, batch: dict[st
     than in scratch memory mapped afresh each step (`jaxtok.layer_stack` says why and what it saves)."""
 
     def residuals(trainable, frozen, micro):
-        return model.apply(
-            trainable_lib.merge(frozen, trainable), micro["tokens"], micro["positions"], micro["segment_ids"],
-            train=True, rngs={"dropout": jax.random.key(0)}, loss_mask_BT=micro["loss_mask"], mutable=["residuals"],
-        )[1]["residuals"]
+        variables = trainable_lib.merge(frozen, trainable)
+        return _train_loss(model, variables, micro, jax.random.key(0), mutable=["residuals"])[1]["residuals"]
 
     micro = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), batch)
     shapes = jax.eval_shape(residuals, trainable, frozen, micro)
     return jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))()  # one compilation
+
+
+def _train_loss(model: Llama, variables: dict, micro: Batch, rng: jax.Array, **kw):
+    """The model's (sum, count) of the training loss on one micro-batch (with the mutated collections when `kw`
+    has `mutable`)."""
+    return model.apply(variables, micro["tokens"], micro["positions"], micro["segment_ids"], train=True,
+                       rngs={"dropout": rng}, loss_mask_BT=micro["loss_mask"], **kw)
 
 
 def state_shardings(optimizer: optax.GradientTransformation, trainable, trainable_shardings, mesh) -> TrainState:
@@ -91,13 +96,11 @@ def make_train_step(
 
     def loss_sum(trainable, frozen, micro, rng, residuals):
         variables = trainable_lib.merge(frozen, trainable)
-        kw = dict(train=True, rngs={"dropout": rng}, loss_mask_BT=micro["loss_mask"])
         if residuals is None:
-            (total, count), _ = model.apply(variables, micro["tokens"], micro["positions"], micro["segment_ids"], **kw)
+            (total, count), _ = _train_loss(model, variables, micro, rng)
             return total, (count, None)
-        ((total, count), _), written = model.apply(
-            {**variables, "residuals": residuals}, micro["tokens"], micro["positions"], micro["segment_ids"],
-            mutable=["residuals"], **kw)
+        ((total, count), _), written = _train_loss(model, {**variables, "residuals": residuals}, micro, rng,
+                                                   mutable=["residuals"])
         return total, (count, written["residuals"])
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)  # aux: the number of target tokens, the residual buffers
